@@ -1,0 +1,12 @@
+//! Types and pure logic shared by the kernel programs (`lb-ebpf`) and the agent
+//! (`lb-userspace`).
+//!
+//! Everything here is `no_std` and allocation-free so the eBPF side can use it;
+//! the same code is unit-tested on the host.
+#![no_std]
+
+pub mod csum;
+pub mod icmp;
+pub mod maps;
+
+pub use maps::*;

@@ -1,0 +1,108 @@
+//! Address and port rewriting with checksum updates.
+//!
+//! XDP sees frames as they came off the wire, with complete checksums: it
+//! writes the bytes directly and updates checksums incrementally (RFC 1624,
+//! `lb_common::csum`). TC sees socket buffers whose L4 checksum may still be
+//! partial (offloaded), so it uses the kernel's csum helpers, which handle
+//! both cases.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
+use lb_common::{IPPROTO_TCP, Nat, csum, ct_flags};
+use network_types::ip::Ipv4Hdr;
+
+use crate::parse::{Packet, ptr_at};
+
+const TCP_CHECK_OFF: usize = 16;
+const UDP_CHECK_OFF: usize = 6;
+const IP_CHECK_OFF: usize = 10;
+const IP_SADDR_OFF: usize = 12;
+const IP_DADDR_OFF: usize = 16;
+
+#[inline(always)]
+fn l4_check_off(pkt: &Packet) -> usize {
+    pkt.l4() + if pkt.key.proto == IPPROTO_TCP { TCP_CHECK_OFF } else { UDP_CHECK_OFF }
+}
+
+/// Rewrites the frame in `data..data_end` as `e` says.
+#[inline(always)]
+pub fn rewrite_xdp(data: usize, data_end: usize, pkt: &Packet, e: &Nat) -> Option<()> {
+    let ip: *mut Ipv4Hdr = ptr_at(data, data_end, pkt.l3())?;
+    let ports: *mut [u8; 4] = ptr_at(data, data_end, pkt.l4())?;
+    let check: *mut [u8; 2] = ptr_at(data, data_end, l4_check_off(pkt))?;
+    let is_udp = pkt.key.proto != IPPROTO_TCP;
+    // SAFETY: all three pointers were bounds-checked above.
+    unsafe {
+        let l4_orig = u16::from_be_bytes(*check);
+        let mut l4 = l4_orig;
+        let mut l3 = u16::from_be_bytes((*ip).check);
+        if e.flags & ct_flags::REWRITE_SRC != 0 {
+            l3 = csum::replace32(l3, pkt.key.saddr, e.saddr);
+            l4 = csum::replace32(l4, pkt.key.saddr, e.saddr);
+            l4 = csum::replace16(l4, pkt.key.sport, e.sport);
+            (*ip).src_addr = e.saddr;
+            (&mut *ports)[0..2].copy_from_slice(&e.sport.to_be_bytes());
+        }
+        if e.flags & ct_flags::REWRITE_DST != 0 {
+            l3 = csum::replace32(l3, pkt.key.daddr, e.daddr);
+            l4 = csum::replace32(l4, pkt.key.daddr, e.daddr);
+            l4 = csum::replace16(l4, pkt.key.dport, e.dport);
+            (*ip).dst_addr = e.daddr;
+            (&mut *ports)[2..4].copy_from_slice(&e.dport.to_be_bytes());
+        }
+        if is_udp {
+            l4 = csum::udp_adjust(l4_orig, l4);
+        }
+        (*ip).check = l3.to_be_bytes();
+        *check = l4.to_be_bytes();
+    }
+    Some(())
+}
+
+/// Rewrites the socket buffer as `e` says, through the csum helpers.
+#[inline(always)]
+pub fn rewrite_tc(ctx: &TcContext, pkt: &Packet, e: &Nat) -> Result<(), i64> {
+    let check = l4_check_off(pkt);
+    let l4_flags = if pkt.key.proto == IPPROTO_TCP { 0 } else { BPF_F_MARK_MANGLED_0 as u64 };
+    if e.flags & ct_flags::REWRITE_SRC != 0 {
+        set_addr(ctx, pkt, pkt.l3() + IP_SADDR_OFF, check, l4_flags, pkt.key.saddr, e.saddr)?;
+        set_port(ctx, pkt.l4(), check, l4_flags, pkt.key.sport, e.sport)?;
+    }
+    if e.flags & ct_flags::REWRITE_DST != 0 {
+        set_addr(ctx, pkt, pkt.l3() + IP_DADDR_OFF, check, l4_flags, pkt.key.daddr, e.daddr)?;
+        set_port(ctx, pkt.l4() + 2, check, l4_flags, pkt.key.dport, e.dport)?;
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn set_addr(
+    ctx: &TcContext,
+    pkt: &Packet,
+    off: usize,
+    check: usize,
+    l4_flags: u64,
+    old: [u8; 4],
+    new: [u8; 4],
+) -> Result<(), i64> {
+    if old == new {
+        return Ok(());
+    }
+    let (from, to) = (u32::from_ne_bytes(old) as u64, u32::from_ne_bytes(new) as u64);
+    // Addresses are part of the L4 pseudo header.
+    ctx.l4_csum_replace(check, from, to, l4_flags | BPF_F_PSEUDO_HDR as u64 | 4)?;
+    ctx.l3_csum_replace(pkt.l3() + IP_CHECK_OFF, from, to, 4)?;
+    ctx.store(off, &new, 0)
+}
+
+#[inline(always)]
+fn set_port(ctx: &TcContext, off: usize, check: usize, l4_flags: u64, old: u16, new: u16) -> Result<(), i64> {
+    if old == new {
+        return Ok(());
+    }
+    let (from, to) = (old.to_be() as u64, new.to_be() as u64);
+    ctx.l4_csum_replace(check, from, to, l4_flags | 2)?;
+    ctx.store(off, &new.to_be_bytes(), 0)
+}

@@ -1,0 +1,136 @@
+//! Header parsing: Ethernet (with at most one 802.1Q/802.1ad tag), IPv4,
+//! TCP and UDP. Anything else, fragments, and packets too short or
+//! inconsistent to trust yield `None` and are passed untouched.
+
+use core::mem::size_of;
+
+use lb_common::{CtKey, IPPROTO_TCP, IPPROTO_UDP, ct_tcp};
+use network_types::{ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+
+const ETH_HLEN: usize = 14;
+const VLAN_HLEN: usize = 4;
+const ETH_P_IP: [u8; 2] = [0x08, 0x00];
+const ETH_P_8021Q: [u8; 2] = [0x81, 0x00];
+const ETH_P_8021AD: [u8; 2] = [0x88, 0xa8];
+/// More-fragments flag and fragment offset of the IPv4 `frags` field.
+const IP_MF_OFFSET: u16 = 0x3fff;
+
+/// Where the headers of an IPv4 TCP/UDP packet are, and its 5-tuple.
+#[derive(Clone, Copy)]
+pub struct Packet {
+    /// Offset of the IPv4 header from the start of the frame.
+    l3: u8,
+    /// Offset of the TCP/UDP header.
+    l4: u8,
+    /// Length of the L2 header (14, or 18 with a VLAN tag).
+    l2_len: u8,
+    /// IPv4 total length: the bytes counted per service.
+    pub ip_len: u16,
+    /// The IPv4 header has no options (ICMP replies are built only then).
+    pub plain_ip: bool,
+    /// The 5-tuple; ports in host order.
+    pub key: CtKey,
+    /// SYN/FIN/RST as `ct_tcp` bits (0 for UDP).
+    pub tcp_flags: u8,
+}
+
+impl Packet {
+    #[inline(always)]
+    pub fn l3(&self) -> usize {
+        self.l3 as usize
+    }
+    #[inline(always)]
+    pub fn l4(&self) -> usize {
+        self.l4 as usize
+    }
+    #[inline(always)]
+    pub fn l2_len(&self) -> usize {
+        self.l2_len as usize
+    }
+}
+
+/// A bounds-checked pointer to a `T` at `off` bytes into the packet.
+#[inline(always)]
+pub fn ptr_at<T>(data: usize, data_end: usize, off: usize) -> Option<*mut T> {
+    if data + off + size_of::<T>() > data_end {
+        return None;
+    }
+    Some((data + off) as *mut T)
+}
+
+/// Parses the frame in `data..data_end`. `pkt_len` is the full packet length
+/// (larger than `data_end - data` for a non-linear or GSO socket buffer); the
+/// IPv4 total length must fit inside it.
+#[inline(always)]
+pub fn parse(data: usize, data_end: usize, pkt_len: usize) -> Option<Packet> {
+    let mut l2_len = ETH_HLEN;
+    let mut ethertype: [u8; 2] = unsafe { *ptr_at(data, data_end, 12)? };
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        ethertype = unsafe { *ptr_at(data, data_end, ETH_HLEN + 2)? };
+        l2_len += VLAN_HLEN;
+    }
+    if ethertype != ETH_P_IP {
+        return None;
+    }
+
+    let l3 = l2_len;
+    let ip: *const Ipv4Hdr = ptr_at(data, data_end, l3)?;
+    let (vihl, proto, frags, tot_len, saddr, daddr) = unsafe {
+        (
+            (*ip).vihl,
+            (*ip).proto,
+            u16::from_be_bytes((*ip).frags),
+            u16::from_be_bytes((*ip).tot_len),
+            (*ip).src_addr,
+            (*ip).dst_addr,
+        )
+    };
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || ihl < 20 || frags & IP_MF_OFFSET != 0 {
+        return None;
+    }
+    if (tot_len as usize) < ihl || l3 + tot_len as usize > pkt_len {
+        return None;
+    }
+    let l4 = l3 + ihl;
+
+    let (sport, dport, tcp_flags, l4_min) = match proto {
+        IPPROTO_TCP => {
+            let tcp: *const TcpHdr = ptr_at(data, data_end, l4)?;
+            let t = unsafe { &*tcp };
+            let mut flags = 0;
+            if t.syn() != 0 {
+                flags |= ct_tcp::SYN;
+            }
+            if t.fin() != 0 {
+                flags |= ct_tcp::FIN;
+            }
+            if t.rst() != 0 {
+                flags |= ct_tcp::RST;
+            }
+            if t.doff() < 5 {
+                return None;
+            }
+            (u16::from_be_bytes(t.source), u16::from_be_bytes(t.dest), flags, (t.doff() as usize) * 4)
+        }
+        IPPROTO_UDP => {
+            let udp: *const UdpHdr = ptr_at(data, data_end, l4)?;
+            let u = unsafe { &*udp };
+            (u16::from_be_bytes(u.src), u16::from_be_bytes(u.dst), 0, size_of::<UdpHdr>())
+        }
+        _ => return None,
+    };
+    if (tot_len as usize) < ihl + l4_min {
+        return None;
+    }
+
+    Some(Packet {
+        l3: l3 as u8,
+        l4: l4 as u8,
+        l2_len: l2_len as u8,
+        ip_len: tot_len,
+        plain_ip: ihl == 20,
+        key: CtKey::new(saddr, daddr, sport, dport, proto),
+        tcp_flags,
+    })
+}

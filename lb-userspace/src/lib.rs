@@ -1,0 +1,8 @@
+//! The node agent of the eBPF service load balancer.
+//!
+//! sources (Kubernetes, manifests) → model (kube-proxy semantics, a pure
+//! function) → reconciler (diff against the pinned maps) → loader (programs,
+//! pins, attachments). `main.rs` is the CLI on top.
+
+pub mod loader;
+pub mod maps;

@@ -1,0 +1,143 @@
+//! Test frames in, checked frames out. Frames are built and parsed with
+//! etherparse, independently of the dataplane's own parser and checksum code.
+
+use std::net::Ipv4Addr;
+
+use etherparse::{
+    Icmpv4Header, Icmpv4Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice,
+    icmpv4::DestUnreachableHeader,
+};
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+pub type Addr = ([u8; 4], u16);
+
+/// A TCP segment from `src` to `dst` with the given flags ("S", "A", "F", "R" combined).
+pub fn tcp(src: Addr, dst: Addr, flags: &str, payload: &[u8]) -> Vec<u8> {
+    let mut b =
+        PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC).ipv4(src.0, dst.0, 64).tcp(src.1, dst.1, 1000, 64240);
+    for f in flags.chars() {
+        b = match f {
+            'S' => b.syn(),
+            'A' => b.ack(1),
+            'F' => b.fin(),
+            'R' => b.rst(),
+            'P' => b.psh(),
+            other => panic!("unknown TCP flag {other}"),
+        };
+    }
+    let mut out = Vec::new();
+    b.write(&mut out, payload).expect("build tcp");
+    out
+}
+
+pub fn udp(src: Addr, dst: Addr, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(src.0, dst.0, 64)
+        .udp(src.1, dst.1)
+        .write(&mut out, payload)
+        .expect("build udp");
+    out
+}
+
+/// A UDP datagram sent without a checksum (checksum field 0).
+pub fn udp_no_checksum(src: Addr, dst: Addr, payload: &[u8]) -> Vec<u8> {
+    let mut out = udp(src, dst, payload);
+    out[14 + 20 + 6] = 0;
+    out[14 + 20 + 7] = 0;
+    out
+}
+
+/// `frame` with one 802.1Q tag (VLAN 100) after the MAC addresses.
+pub fn with_vlan(frame: &[u8]) -> Vec<u8> {
+    let mut out = frame[..12].to_vec();
+    out.extend_from_slice(&[0x81, 0x00, 0x00, 100]);
+    out.extend_from_slice(&frame[12..]);
+    out
+}
+
+/// What a test asserts about a frame, read by etherparse.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub src: Addr,
+    pub dst: Addr,
+    pub proto: u8,
+    pub ttl: u8,
+    pub eth_src: [u8; 6],
+    pub eth_dst: [u8; 6],
+    /// L4 checksum as on the wire (0 for UDP without checksum).
+    pub l4_checksum: u16,
+}
+
+/// Parses an IPv4 TCP/UDP frame and asserts both checksums are correct.
+pub fn parse_checked(frame: &[u8]) -> Seen {
+    let p = SlicedPacket::from_ethernet(frame).expect("frame parses");
+    let Some(etherparse::LinkSlice::Ethernet2(eth)) = p.link.clone() else { panic!("no ethernet header") };
+    let Some(NetSlice::Ipv4(ip)) = &p.net else { panic!("not IPv4: {:?}", p.net) };
+    let iph = ip.header().to_header();
+    assert_eq!(iph.header_checksum, iph.calc_header_checksum(), "IPv4 header checksum");
+    let (sport, dport, l4_checksum) = match &p.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            let expected = t.to_header().calc_checksum_ipv4(&iph, t.payload()).expect("tcp checksum");
+            assert_eq!(t.checksum(), expected, "TCP checksum");
+            (t.source_port(), t.destination_port(), t.checksum())
+        }
+        Some(TransportSlice::Udp(u)) => {
+            if u.checksum() != 0 {
+                let expected = u.to_header().calc_checksum_ipv4(&iph, u.payload()).expect("udp checksum");
+                assert_eq!(u.checksum(), expected, "UDP checksum");
+            }
+            (u.source_port(), u.destination_port(), u.checksum())
+        }
+        other => panic!("not TCP/UDP: {other:?}"),
+    };
+    Seen {
+        src: (iph.source, sport),
+        dst: (iph.destination, dport),
+        proto: iph.protocol.0,
+        ttl: iph.time_to_live,
+        eth_src: eth.source(),
+        eth_dst: eth.destination(),
+        l4_checksum,
+    }
+}
+
+/// An ICMP port unreachable, checked: its addresses and the quoted packet's 5-tuple.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unreachable {
+    pub from: Ipv4Addr,
+    pub to: Ipv4Addr,
+    pub quoted_src: Addr,
+    pub quoted_dst: Addr,
+    pub eth_dst: [u8; 6],
+}
+
+pub fn parse_port_unreachable(frame: &[u8]) -> Unreachable {
+    let p = SlicedPacket::from_ethernet(frame).expect("frame parses");
+    let Some(etherparse::LinkSlice::Ethernet2(eth)) = p.link.clone() else { panic!("no ethernet header") };
+    let Some(NetSlice::Ipv4(ip)) = &p.net else { panic!("not IPv4") };
+    let iph = ip.header().to_header();
+    assert_eq!(iph.header_checksum, iph.calc_header_checksum(), "IPv4 header checksum");
+    let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else { panic!("not ICMP: {:?}", p.transport) };
+    assert_eq!(
+        icmp.icmp_type(),
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
+        "ICMP type/code"
+    );
+    let recomputed = Icmpv4Header::with_checksum(icmp.icmp_type(), icmp.payload());
+    assert_eq!(icmp.checksum(), recomputed.checksum, "ICMP checksum");
+    // The quote is the IPv4 header plus 8 bytes: parse the header alone.
+    let q = icmp.payload();
+    let qh = etherparse::Ipv4HeaderSlice::from_slice(q).expect("quoted IPv4 header").to_header();
+    let ihl = qh.header_len();
+    let ports = (u16::from_be_bytes([q[ihl], q[ihl + 1]]), u16::from_be_bytes([q[ihl + 2], q[ihl + 3]]));
+    Unreachable {
+        from: Ipv4Addr::from(iph.source),
+        to: Ipv4Addr::from(iph.destination),
+        quoted_src: (qh.source, ports.0),
+        quoted_dst: (qh.destination, ports.1),
+        eth_dst: eth.destination(),
+    }
+}

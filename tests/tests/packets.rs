@@ -1,0 +1,433 @@
+//! Packet-in / packet-out tests of the real XDP and TC programs through
+//! BPF_PROG_TEST_RUN, with the maps programmed as the agent would. Needs root.
+
+use lb_common::{CtKey, Drop, FrontendKey, FrontendKind, IPPROTO_TCP, IPPROTO_UDP, ct_flags, frontend_flags};
+use lb_tests::{
+    bed::{Be, Bed, NODE_ADDR},
+    packet::{self, parse_checked, parse_port_unreachable, tcp, udp},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const POD_CLIENT: [u8; 4] = [10, 244, 1, 5];
+const EXT_CLIENT: [u8; 4] = [192, 0, 2, 100];
+const CLUSTER_IP: [u8; 4] = [10, 96, 0, 10];
+const LB_IP: [u8; 4] = [198, 51, 100, 10];
+const EXTERNAL_IP: [u8; 4] = [203, 0, 113, 10];
+const LOCAL_POD: [u8; 4] = [10, 244, 1, 7];
+const REMOTE_POD: [u8; 4] = [10, 244, 2, 7];
+
+fn bed() -> Bed {
+    Bed::new().expect("load the dataplane")
+}
+
+fn ct(bed: &Bed, key: CtKey) -> Option<lb_common::CtEntry> {
+    bed.maps.conntrack.get(&key, 0).ok()
+}
+
+fn drops(bed: &Bed, reason: Drop) -> u64 {
+    bed.maps.drops.get(&(reason as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)
+}
+
+#[test]
+fn clusterip_from_pod_is_dnated_and_tracked() {
+    let mut bed = bed();
+    let id = bed
+        .service(
+            FrontendKey::new(CLUSTER_IP, 80, IPPROTO_TCP),
+            FrontendKind::ClusterIp,
+            0,
+            &[Be::remote(REMOTE_POD, 8080)],
+        )
+        .unwrap();
+    let out = bed.tc(&tcp((POD_CLIENT, 40000), (CLUSTER_IP, 80), "S", b"")).unwrap();
+    assert_eq!(out.action, TC_ACT_OK);
+    let seen = parse_checked(&out.frame);
+    assert_eq!(seen.src, (POD_CLIENT, 40000), "the pod's address is kept");
+    assert_eq!(seen.dst, (REMOTE_POD, 8080));
+
+    let fwd = ct(&bed, CtKey::new(POD_CLIENT, CLUSTER_IP, 40000, 80, IPPROTO_TCP)).expect("request entry");
+    assert_eq!(fwd.frontend_id, id);
+    assert_eq!((fwd.nat_daddr, fwd.nat_dport), (REMOTE_POD, 8080));
+    assert_eq!(fwd.flags & ct_flags::SNAT, 0, "pods are never source-NATed");
+    let rev = ct(&bed, CtKey::new(REMOTE_POD, POD_CLIENT, 8080, 40000, IPPROTO_TCP)).expect("reply entry");
+    assert!(rev.is_reply());
+    assert_eq!((rev.nat_saddr, rev.nat_sport), (CLUSTER_IP, 80));
+
+    // Data on the established flow goes to the same backend.
+    let out = bed.tc(&tcp((POD_CLIENT, 40000), (CLUSTER_IP, 80), "AP", b"GET / HTTP/1.1\r\n\r\n")).unwrap();
+    assert_eq!(parse_checked(&out.frame).dst, (REMOTE_POD, 8080));
+
+    // The reply from the other node arrives on the external interface.
+    let out = bed.xdp(&tcp((REMOTE_POD, 8080), (POD_CLIENT, 40000), "SA", b"")).unwrap();
+    assert_eq!(out.action, XDP_PASS);
+    let seen = parse_checked(&out.frame);
+    assert_eq!(seen.src, (CLUSTER_IP, 80), "reply comes from the service address");
+    assert_eq!(seen.dst, (POD_CLIENT, 40000));
+
+    let stats = bed.maps.svc_stats.get(&id, 0).unwrap();
+    let total: u64 = stats.iter().map(|s| s.packets).sum();
+    let new: u64 = stats.iter().map(|s| s.new_flows).sum();
+    assert_eq!((total, new), (3, 1));
+}
+
+#[test]
+fn reply_of_local_backend_is_translated_at_tc() {
+    let mut bed = bed();
+    bed.service(
+        FrontendKey::new(CLUSTER_IP, 53, IPPROTO_UDP),
+        FrontendKind::ClusterIp,
+        0,
+        &[Be::local(LOCAL_POD, 5353)],
+    )
+    .unwrap();
+    let out = bed.tc(&udp((POD_CLIENT, 33333), (CLUSTER_IP, 53), b"query")).unwrap();
+    assert_eq!(parse_checked(&out.frame).dst, (LOCAL_POD, 5353));
+    let out = bed.tc(&udp((LOCAL_POD, 5353), (POD_CLIENT, 33333), b"answer")).unwrap();
+    assert_eq!(out.action, TC_ACT_OK);
+    let seen = parse_checked(&out.frame);
+    assert_eq!((seen.src, seen.dst), ((CLUSTER_IP, 53), (POD_CLIENT, 33333)));
+}
+
+#[test]
+fn nodeport_to_local_backend_keeps_client_address() {
+    let mut bed = bed();
+    bed.service(
+        FrontendKey::new([0; 4], 30080, IPPROTO_TCP),
+        FrontendKind::NodePort,
+        0,
+        &[Be::local(LOCAL_POD, 8080)],
+    )
+    .unwrap();
+    let out = bed.xdp(&tcp((EXT_CLIENT, 50000), (NODE_ADDR, 30080), "S", b"")).unwrap();
+    assert_eq!(out.action, XDP_PASS, "local backends are delivered by the stack");
+    let seen = parse_checked(&out.frame);
+    assert_eq!((seen.src, seen.dst), ((EXT_CLIENT, 50000), (LOCAL_POD, 8080)));
+
+    // The pod's reply leaves through its interface (TC) as the node port.
+    let out = bed.tc(&tcp((LOCAL_POD, 8080), (EXT_CLIENT, 50000), "SA", b"")).unwrap();
+    let seen = parse_checked(&out.frame);
+    assert_eq!((seen.src, seen.dst), ((NODE_ADDR, 30080), (EXT_CLIENT, 50000)));
+
+    // A node port on an address that is not this node's is not ours.
+    let other = tcp((EXT_CLIENT, 50001), ([192, 0, 2, 99], 30080), "S", b"");
+    let out = bed.xdp(&other).unwrap();
+    assert_eq!((out.action, out.frame), (XDP_PASS, other));
+}
+
+#[test]
+fn nodeport_to_remote_backend_is_source_natted_and_reply_restored() {
+    let mut bed = bed();
+    bed.service(
+        FrontendKey::new([0; 4], 30080, IPPROTO_TCP),
+        FrontendKind::NodePort,
+        0,
+        &[Be::remote(REMOTE_POD, 8080)],
+    )
+    .unwrap();
+    let out = bed.xdp(&tcp((EXT_CLIENT, 50000), (NODE_ADDR, 30080), "S", b"")).unwrap();
+    // Without a route in the test run the FIB lookup fails and the stack forwards.
+    assert!(out.action == XDP_PASS || out.action == XDP_TX, "action {}", out.action);
+    let seen = parse_checked(&out.frame);
+    assert_eq!(seen.dst, (REMOTE_POD, 8080));
+    assert_eq!(seen.src.0, NODE_ADDR, "source-NATed to the node");
+    let nat_port = seen.src.1;
+    assert!((lb_common::DEFAULT_NAT_PORT_MIN..=lb_common::DEFAULT_NAT_PORT_MAX).contains(&nat_port));
+
+    let rev = ct(&bed, CtKey::new(REMOTE_POD, NODE_ADDR, 8080, nat_port, IPPROTO_TCP))
+        .expect("reply entry on the NAT port");
+    assert_ne!(rev.flags & ct_flags::SNAT, 0);
+
+    let out = bed.xdp(&tcp((REMOTE_POD, 8080), (NODE_ADDR, nat_port), "SA", b"")).unwrap();
+    assert!(out.action == XDP_PASS || out.action == XDP_TX);
+    let seen = parse_checked(&out.frame);
+    assert_eq!((seen.src, seen.dst), ((NODE_ADDR, 30080), (EXT_CLIENT, 50000)));
+
+    // A second client gets its own NAT port.
+    let out = bed.xdp(&tcp(([192, 0, 2, 101], 50000), (NODE_ADDR, 30080), "S", b"")).unwrap();
+    assert_ne!(parse_checked(&out.frame).src.1, nat_port);
+}
+
+#[test]
+fn loadbalancer_and_external_ips_are_translated_both_ways() {
+    let mut bed = bed();
+    for (vip, kind) in [(LB_IP, FrontendKind::LoadBalancer), (EXTERNAL_IP, FrontendKind::ExternalIp)] {
+        bed.service(FrontendKey::new(vip, 80, IPPROTO_TCP), kind, 0, &[Be::local(LOCAL_POD, 8080)]).unwrap();
+        let out = bed.xdp(&tcp((EXT_CLIENT, 50100), (vip, 80), "S", b"")).unwrap();
+        assert_eq!(out.action, XDP_PASS);
+        let seen = parse_checked(&out.frame);
+        assert_eq!((seen.src, seen.dst), ((EXT_CLIENT, 50100), (LOCAL_POD, 8080)), "{kind:?}");
+        let out = bed.tc(&tcp((LOCAL_POD, 8080), (EXT_CLIENT, 50100), "SA", b"")).unwrap();
+        let seen = parse_checked(&out.frame);
+        assert_eq!((seen.src, seen.dst), ((vip, 80), (EXT_CLIENT, 50100)), "{kind:?} reply");
+    }
+}
+
+#[test]
+fn no_endpoints_answers_icmp_port_unreachable() {
+    let mut bed = bed();
+    bed.service(FrontendKey::new(CLUSTER_IP, 80, IPPROTO_TCP), FrontendKind::ClusterIp, 0, &[]).unwrap();
+    bed.service(FrontendKey::new(CLUSTER_IP, 53, IPPROTO_UDP), FrontendKind::ClusterIp, 0, &[]).unwrap();
+
+    let out = bed.xdp(&tcp((EXT_CLIENT, 50000), (CLUSTER_IP, 80), "S", b"")).unwrap();
+    assert_eq!(out.action, XDP_TX, "sent back out of the ingress interface");
+    let icmp = parse_port_unreachable(&out.frame);
+    assert_eq!(icmp.from, std::net::Ipv4Addr::from(CLUSTER_IP));
+    assert_eq!(icmp.to, std::net::Ipv4Addr::from(EXT_CLIENT));
+    assert_eq!((icmp.quoted_src, icmp.quoted_dst), ((EXT_CLIENT, 50000), (CLUSTER_IP, 80)));
+    assert_eq!(icmp.eth_dst, packet::CLIENT_MAC, "addressed back to the sender");
+
+    // Short UDP datagram: the frame has to grow to hold the reply.
+    let out = bed.tc(&udp((POD_CLIENT, 40000), (CLUSTER_IP, 53), b"q")).unwrap();
+    assert_eq!(out.action, TC_ACT_REDIRECT);
+    let icmp = parse_port_unreachable(&out.frame);
+    assert_eq!((icmp.quoted_src, icmp.quoted_dst), ((POD_CLIENT, 40000), (CLUSTER_IP, 53)));
+    assert_eq!(icmp.to, std::net::Ipv4Addr::from(POD_CLIENT));
+    assert_eq!(drops(&bed, Drop::Rejected), 2);
+}
+
+#[test]
+fn traffic_policy_local_without_local_endpoint_drops() {
+    let mut bed = bed();
+    bed.service(
+        FrontendKey::new([0; 4], 30081, IPPROTO_TCP),
+        FrontendKind::NodePort,
+        frontend_flags::LOCAL_ONLY,
+        &[],
+    )
+    .unwrap();
+    let out = bed.xdp(&tcp((EXT_CLIENT, 50000), (NODE_ADDR, 30081), "S", b"")).unwrap();
+    assert_eq!(out.action, XDP_DROP);
+    assert_eq!(drops(&bed, Drop::NoLocalEndpoint), 1);
+}
+
+#[test]
+fn source_ranges_admit_only_listed_clients() {
+    let mut bed = bed();
+    let id = bed
+        .service(
+            FrontendKey::new(LB_IP, 443, IPPROTO_TCP),
+            FrontendKind::LoadBalancer,
+            frontend_flags::SOURCE_RANGES,
+            &[Be::local(LOCAL_POD, 8443)],
+        )
+        .unwrap();
+    bed.allow_source(id, [192, 0, 2, 0], 25).unwrap();
+    let out = bed.xdp(&tcp((EXT_CLIENT, 50000), (LB_IP, 443), "S", b"")).unwrap();
+    assert_eq!(parse_checked(&out.frame).dst, (LOCAL_POD, 8443));
+    let out = bed.xdp(&tcp(([192, 0, 2, 200], 50000), (LB_IP, 443), "S", b"")).unwrap();
+    assert_eq!(out.action, XDP_DROP, "192.0.2.200 is outside 192.0.2.0/25");
+    assert_eq!(drops(&bed, Drop::SourceRange), 1);
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_one_backend() {
+    let mut bed = bed();
+    let backends: Vec<Be> = (1..=8).map(|i| Be::local([10, 244, 1, 10 + i], 8080)).collect();
+    bed.service(
+        FrontendKey::new(CLUSTER_IP, 80, IPPROTO_TCP),
+        FrontendKind::ClusterIp,
+        frontend_flags::AFFINITY,
+        &backends,
+    )
+    .unwrap();
+    let first =
+        parse_checked(&bed.tc(&tcp((POD_CLIENT, 40000), (CLUSTER_IP, 80), "S", b"")).unwrap().frame).dst;
+    for port in 40001..40030 {
+        let dst =
+            parse_checked(&bed.tc(&tcp((POD_CLIENT, port), (CLUSTER_IP, 80), "S", b"")).unwrap().frame).dst;
+        assert_eq!(dst, first, "connection from port {port}");
+    }
+    // Without affinity, 30 connections over 8 backends use more than one.
+    let mut bed = self::bed();
+    bed.service(FrontendKey::new(CLUSTER_IP, 80, IPPROTO_TCP), FrontendKind::ClusterIp, 0, &backends)
+        .unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for port in 40000..40030 {
+        seen.insert(
+            parse_checked(&bed.tc(&tcp((POD_CLIENT, port), (CLUSTER_IP, 80), "S", b"")).unwrap().frame).dst,
+        );
+    }
+    assert!(seen.len() > 1, "random selection spread over {} backends", seen.len());
+}
+
+#[test]
+fn flow_moves_only_when_its_backend_is_removed() {
+    let mut bed = bed();
+    let backends = [Be::local([10, 244, 1, 21], 8080), Be::local([10, 244, 1, 22], 8080)];
+    bed.service(FrontendKey::new(CLUSTER_IP, 80, IPPROTO_TCP), FrontendKind::ClusterIp, 0, &backends)
+        .unwrap();
+    let syn = tcp((POD_CLIENT, 40000), (CLUSTER_IP, 80), "S", b"");
+    let first = parse_checked(&bed.tc(&syn).unwrap().frame).dst;
+    let data = tcp((POD_CLIENT, 40000), (CLUSTER_IP, 80), "A", b"x");
+    for _ in 0..10 {
+        assert_eq!(parse_checked(&bed.tc(&data).unwrap().frame).dst, first);
+    }
+    // Remove the chosen backend: the flow must pick the other one.
+    let fwd = ct(&bed, CtKey::new(POD_CLIENT, CLUSTER_IP, 40000, 80, IPPROTO_TCP)).unwrap();
+    bed.maps.backends.remove(&fwd.backend_id).unwrap();
+    let other = backends.iter().map(|b| (b.addr, b.port)).find(|a| *a != first).unwrap();
+    // Slot 0/1 may still name the removed backend; keep only the other one.
+    let remaining =
+        bed.maps.backends.iter().filter_map(|r| r.ok()).find(|(_, b)| (b.addr, b.port) == other).unwrap().0;
+    bed.maps
+        .slots
+        .insert(&lb_common::SlotKey { frontend_id: fwd.frontend_id, slot: 0 }, &remaining, 0)
+        .unwrap();
+    let mut fe = bed.maps.services.get(&FrontendKey::new(CLUSTER_IP, 80, IPPROTO_TCP), 0).unwrap();
+    fe.backend_count = 1;
+    bed.maps.services.insert(&FrontendKey::new(CLUSTER_IP, 80, IPPROTO_TCP), &fe, 0).unwrap();
+    assert_eq!(parse_checked(&bed.tc(&data).unwrap().frame).dst, other);
+}
+
+#[test]
+fn closed_tcp_flow_starts_over_on_a_new_syn() {
+    let mut bed = bed();
+    bed.service(
+        FrontendKey::new(CLUSTER_IP, 80, IPPROTO_TCP),
+        FrontendKind::ClusterIp,
+        0,
+        &[Be::local(LOCAL_POD, 8080)],
+    )
+    .unwrap();
+    let key = CtKey::new(POD_CLIENT, CLUSTER_IP, 40000, 80, IPPROTO_TCP);
+    bed.tc(&tcp((POD_CLIENT, 40000), (CLUSTER_IP, 80), "S", b"")).unwrap();
+    bed.tc(&tcp((POD_CLIENT, 40000), (CLUSTER_IP, 80), "R", b"")).unwrap();
+    let e = ct(&bed, key).unwrap();
+    assert_ne!(e.tcp & lb_common::ct_tcp::RST, 0, "RST recorded: the entry now expires after 10 s");
+    bed.tc(&tcp((POD_CLIENT, 40000), (CLUSTER_IP, 80), "S", b"")).unwrap();
+    let e = ct(&bed, key).unwrap();
+    assert_eq!(e.tcp, lb_common::ct_tcp::SYN, "a new SYN replaced the closed entry");
+}
+
+#[test]
+fn udp_without_checksum_keeps_zero_and_vlan_tag_is_kept() {
+    let mut bed = bed();
+    bed.service(
+        FrontendKey::new(EXTERNAL_IP, 53, IPPROTO_UDP),
+        FrontendKind::ExternalIp,
+        0,
+        &[Be::local(LOCAL_POD, 5353)],
+    )
+    .unwrap();
+    let out = bed.xdp(&packet::udp_no_checksum((EXT_CLIENT, 40000), (EXTERNAL_IP, 53), b"q")).unwrap();
+    let seen = parse_checked(&out.frame);
+    assert_eq!(seen.dst, (LOCAL_POD, 5353));
+    assert_eq!(seen.l4_checksum, 0, "UDP checksum 0 stays 0");
+
+    let tagged = packet::with_vlan(&tcp((EXT_CLIENT, 40001), (EXTERNAL_IP, 53), "S", b""));
+    bed.service(
+        FrontendKey::new(EXTERNAL_IP, 53, IPPROTO_TCP),
+        FrontendKind::ExternalIp,
+        0,
+        &[Be::local(LOCAL_POD, 5353)],
+    )
+    .unwrap();
+    let out = bed.xdp(&tagged).unwrap();
+    assert_eq!(out.action, XDP_PASS);
+    assert_eq!(&out.frame[12..16], &[0x81, 0x00, 0x00, 100], "tag kept");
+    let seen = parse_checked(&out.frame);
+    assert_eq!(seen.dst, (LOCAL_POD, 5353));
+}
+
+#[test]
+fn non_service_and_malformed_traffic_is_passed_untouched() {
+    let mut bed = bed();
+    bed.service(
+        FrontendKey::new(CLUSTER_IP, 80, IPPROTO_TCP),
+        FrontendKind::ClusterIp,
+        0,
+        &[Be::local(LOCAL_POD, 8080)],
+    )
+    .unwrap();
+    let to_service = tcp((EXT_CLIENT, 50000), (CLUSTER_IP, 80), "S", b"");
+
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        ("other address", tcp((EXT_CLIENT, 50000), ([10, 96, 0, 11], 80), "S", b"")),
+        ("other port", tcp((EXT_CLIENT, 50000), (CLUSTER_IP, 81), "S", b"")),
+        ("other protocol", udp((EXT_CLIENT, 50000), (CLUSTER_IP, 80), b"")),
+        ("truncated in the IP header", to_service[..14 + 10].to_vec()),
+        ("truncated in the TCP header", to_service[..14 + 20 + 10].to_vec()),
+        // (Frames shorter than an Ethernet header never reach XDP or TC:
+        // BPF_PROG_TEST_RUN refuses them like the drivers do.)
+        ("Ethernet header only", to_service[..14].to_vec()),
+    ];
+    let mut icmp = Vec::new();
+    etherparse::PacketBuilder::ethernet2(packet::CLIENT_MAC, packet::NODE_MAC)
+        .ipv4(EXT_CLIENT, CLUSTER_IP, 64)
+        .icmpv4_echo_request(1, 1)
+        .write(&mut icmp, b"ping")
+        .unwrap();
+    cases.push(("ICMP", icmp));
+    let mut fragment = to_service.clone();
+    fragment[14 + 6] = 0x20; // more fragments
+    cases.push(("first fragment", fragment));
+    let mut later_fragment = to_service.clone();
+    later_fragment[14 + 7] = 0x10; // offset != 0
+    cases.push(("later fragment", later_fragment));
+    let mut long_total = to_service.clone();
+    long_total[14 + 2..14 + 4].copy_from_slice(&1500u16.to_be_bytes());
+    cases.push(("total length beyond the frame", long_total));
+    let mut bad_ihl = to_service.clone();
+    bad_ihl[14] = 0x43;
+    cases.push(("IHL below 5", bad_ihl));
+    let mut bad_version = to_service.clone();
+    bad_version[14] = 0x65;
+    cases.push(("IP version 6 in an IPv4 frame", bad_version));
+    let mut bad_doff = to_service.clone();
+    bad_doff[14 + 20 + 12] = 0x30;
+    cases.push(("TCP data offset below 5", bad_doff));
+    let mut arp = to_service.clone();
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    cases.push(("ARP ethertype", arp));
+
+    for (what, frame) in cases {
+        let out = bed.xdp(&frame).unwrap_or_else(|e| panic!("XDP test run of {what}: {e:#}"));
+        assert_eq!(out.action, XDP_PASS, "XDP: {what}");
+        assert_eq!(out.frame, frame, "XDP rewrote {what}");
+        // An IPv4 frame without a whole IPv4 header cannot be made into a
+        // socket buffer: BPF_PROG_TEST_RUN refuses it (as the stack would).
+        let ip_header_cut = frame.len() < 14 + 20 && frame[12..14] == [0x08, 0x00];
+        if ip_header_cut {
+            assert!(bed.tc(&frame).is_err(), "TC: the kernel built an skb from {what}");
+            continue;
+        }
+        let out = bed.tc(&frame).unwrap_or_else(|e| panic!("TC test run of {what}: {e:#}"));
+        assert_eq!(out.action, TC_ACT_OK, "TC: {what}");
+        assert_eq!(out.frame, frame, "TC rewrote {what}");
+    }
+    assert_eq!(bed.maps.conntrack.iter().count(), 0, "nothing was tracked");
+}
+
+#[test]
+fn pinned_maps_dump_with_field_names() {
+    let mut bed = bed();
+    bed.service(
+        FrontendKey::new(CLUSTER_IP, 80, IPPROTO_TCP),
+        FrontendKind::ClusterIp,
+        0,
+        &[Be::local(LOCAL_POD, 8080)],
+    )
+    .unwrap();
+    let pin = bed.pin_dir().join(lb_common::MAP_SERVICES);
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&pin)
+        .output()
+        .expect("bpftool runs (installed by `cargo xtask setup`)");
+    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    let dump = String::from_utf8_lossy(&out.stdout);
+    for field in
+        ["\"addr\"", "\"port\"", "\"proto\"", "\"backend_count\"", "\"kind\"", "\"affinity_timeout\""]
+    {
+        assert!(dump.contains(field), "field {field} missing from {dump}");
+    }
+    // Every map is pinned under the directory, named as documented.
+    for name in lb_common::ALL_MAPS {
+        assert!(bed.pin_dir().join(name).exists(), "{name} is not pinned");
+    }
+}

@@ -1,0 +1,125 @@
+//! `cargo xtask <command>`: the project's workflow in one place.
+//!
+//! - `setup`: installs what is missing (Debian packages, Rust toolchains,
+//!   bpf-linker) and nothing else; quiet when everything is there.
+//! - `build-ebpf`: builds the XDP/TC object with the pinned nightly.
+//! - `test`: setup, lints, then the whole test suite (root tests included).
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// The eBPF crate needs this nightly; bpf-linker's LLVM must read its bitcode.
+pub const EBPF_TOOLCHAIN: &str = "nightly-2026-07-01";
+/// Host crates (also pinned in rust-toolchain.toml).
+pub const HOST_TOOLCHAIN: &str = "1.99.0";
+pub const BPF_LINKER_VERSION: &str = "0.13.0";
+pub const LLVM_MAJOR: &str = "22";
+
+#[derive(Parser)]
+#[command(about = "Workflow commands of the eBPF service load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the toolchains, bpf-linker and Debian packages that are missing.
+    Setup,
+    /// Build the eBPF object (target/bpfel-unknown-none/<profile>/lb-ebpf).
+    BuildEbpf {
+        /// Optimised build (the agent always embeds a release build).
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, check formatting and lints, and run every test (needs root).
+    Test {
+        /// Extra arguments passed to `cargo test` after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup::ensure(),
+        Cmd::BuildEbpf { release } => {
+            setup::ensure()?;
+            let object = build_ebpf(release)?;
+            println!("eBPF object: {}", object.display());
+            Ok(())
+        }
+        Cmd::Test { args } => test(&args),
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
+}
+
+fn build_ebpf(release: bool) -> Result<PathBuf> {
+    let root = workspace_root();
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&root)
+        .arg(format!("+{EBPF_TOOLCHAIN}"))
+        .args(["build", "--package", "lb-ebpf", "--bins", "--target", "bpfel-unknown-none"])
+        .args(["-Z", "build-std=core"])
+        // BTF for bpftool and aya; the same flags the agent's build uses.
+        .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    let profile = if release { "release" } else { "debug" };
+    Ok(root.join("target/bpfel-unknown-none").join(profile).join("lb-ebpf"))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup::ensure()?;
+    if !setup::is_root() {
+        bail!(
+            "the test suite loads eBPF programs and builds network namespaces: run it as root \
+             (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN are needed)"
+        );
+    }
+    let root = workspace_root();
+    run(Command::new("cargo").current_dir(&root).args(["fmt", "--all", "--check"]))
+        .context("formatting differs: run `cargo fmt --all`")?;
+    run(Command::new("cargo").current_dir(&root).args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "lb-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The kernel programs are linted for the target they are built for.
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .arg(format!("+{EBPF_TOOLCHAIN}"))
+        .args(["clippy", "--package", "lb-ebpf", "--bins", "--target", "bpfel-unknown-none"])
+        .args(["-Z", "build-std=core", "--", "-D", "warnings"]))?;
+    // Root tests share the machine's two cores and its kernel: two at a time.
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&root)
+        .args(["test", "--workspace", "--exclude", "lb-ebpf", "--", "--test-threads=2"])
+        .args(args);
+    run(&mut cmd)
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
