@@ -6,3 +6,5 @@
 
 pub mod loader;
 pub mod maps;
+pub mod model;
+pub mod sources;

@@ -1,0 +1,228 @@
+//! A file or folder of ordinary Kubernetes YAML (or JSON): Service,
+//! EndpointSlice and Endpoints objects, multi-document files and `*List`
+//! kinds. Each bad file or object is reported with its file, name and
+//! reason; everything else is kept.
+//!
+//! There is no EndpointSlice controller here, so Endpoints objects are
+//! mirrored into slices the way Kubernetes' mirroring controller does for
+//! selector-less Services, whatever the Service's selector.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Endpoints, Service},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use serde::Deserialize as _;
+use serde_yaml_ng::Value;
+
+use crate::model::{ClusterState, LABEL_SERVICE_NAME, object_ref};
+
+/// A problem in the manifests, located.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ManifestError {
+    pub file: PathBuf,
+    /// `Kind namespace/name` when the object got that far.
+    pub object: Option<String>,
+    pub reason: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.object {
+            Some(o) => write!(f, "{}: {o}: {}", self.file.display(), self.reason),
+            None => write!(f, "{}: {}", self.file.display(), self.reason),
+        }
+    }
+}
+
+/// What a load found: the objects that parsed, and what did not.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub state: ClusterState,
+    pub errors: Vec<ManifestError>,
+}
+
+/// The manifest files under `path` (itself, if it is a file), sorted.
+pub fn manifest_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(path)? {
+        let p = entry?.path();
+        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if p.is_file() && matches!(ext, "yaml" | "yml" | "json") {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Reads every manifest under `path`.
+pub fn load(path: &Path) -> Loaded {
+    let mut loaded = Loaded::default();
+    match manifest_files(path) {
+        Ok(files) => {
+            for file in files {
+                match std::fs::read_to_string(&file) {
+                    Ok(text) => parse_into(&file, &text, &mut loaded),
+                    Err(e) => loaded.errors.push(ManifestError {
+                        file: file.clone(),
+                        object: None,
+                        reason: format!("cannot read: {e}"),
+                    }),
+                }
+            }
+        }
+        Err(e) => loaded.errors.push(ManifestError {
+            file: path.to_path_buf(),
+            object: None,
+            reason: format!("cannot list manifests: {e}"),
+        }),
+    }
+    loaded
+}
+
+/// Parses one file's documents into `loaded`.
+pub fn parse_into(file: &Path, text: &str, loaded: &mut Loaded) {
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let err = |object: Option<String>, reason: String| ManifestError {
+            file: file.to_path_buf(),
+            object,
+            reason,
+        };
+        match Value::deserialize(doc) {
+            Ok(Value::Null) => {}
+            Ok(v) => add_object(v, &mut |o, r| loaded.errors.push(err(o, r)), &mut loaded.state),
+            Err(e) => {
+                loaded.errors.push(err(None, format!("document {}: not valid YAML: {e}", i + 1)));
+                // The parser cannot resynchronise after a syntax error.
+                break;
+            }
+        }
+    }
+}
+
+fn str_field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v.get(key).and_then(Value::as_str)
+}
+
+fn describe(v: &Value, kind: &str) -> String {
+    let meta = v.get("metadata");
+    let name = meta.and_then(|m| str_field(m, "name")).unwrap_or("<unnamed>");
+    let ns = meta.and_then(|m| str_field(m, "namespace")).unwrap_or("default");
+    format!("{kind} {ns}/{name}")
+}
+
+fn add_object(v: Value, report: &mut dyn FnMut(Option<String>, String), state: &mut ClusterState) {
+    let Some(kind) = str_field(&v, "kind").map(str::to_owned) else {
+        report(None, "document without a kind: ignored".into());
+        return;
+    };
+    let what = describe(&v, &kind);
+    if kind.ends_with("List") {
+        match v.get("items").and_then(Value::as_sequence) {
+            Some(items) => items.iter().cloned().for_each(|item| add_object(item, report, state)),
+            None => report(Some(what), "a List without items".into()),
+        }
+        return;
+    }
+    let named = |meta: &ObjectMeta| meta.name.as_deref().is_some_and(|n| !n.is_empty());
+    match kind.as_str() {
+        "Service" => match serde_yaml_ng::from_value::<Service>(v) {
+            Ok(mut svc) if named(&svc.metadata) => {
+                svc.metadata.namespace.get_or_insert_with(|| "default".into());
+                let key = object_ref(&svc.metadata);
+                if state.services.insert(key, svc).is_some() {
+                    report(Some(what), "defined twice: the later definition wins".into());
+                }
+            }
+            Ok(_) => report(Some(what), "metadata.name is missing".into()),
+            Err(e) => report(Some(what), format!("not a valid Service: {e}")),
+        },
+        "EndpointSlice" => match serde_yaml_ng::from_value::<EndpointSlice>(v) {
+            Ok(mut slice) if named(&slice.metadata) => {
+                slice.metadata.namespace.get_or_insert_with(|| "default".into());
+                let key = object_ref(&slice.metadata);
+                if state.slices.insert(key, slice).is_some() {
+                    report(Some(what), "defined twice: the later definition wins".into());
+                }
+            }
+            Ok(_) => report(Some(what), "metadata.name is missing".into()),
+            Err(e) => report(Some(what), format!("not a valid EndpointSlice: {e}")),
+        },
+        "Endpoints" => match serde_yaml_ng::from_value::<Endpoints>(v) {
+            Ok(ep) if named(&ep.metadata) => {
+                for slice in mirror(&ep) {
+                    state.slices.insert(object_ref(&slice.metadata), slice);
+                }
+            }
+            Ok(_) => report(Some(what), "metadata.name is missing".into()),
+            Err(e) => report(Some(what), format!("not valid Endpoints: {e}")),
+        },
+        // Other kinds (Deployments, ConfigMaps...) may share the folder.
+        _ => {}
+    }
+}
+
+/// EndpointSlices for an Endpoints object, one per subset and address
+/// family, as the EndpointSlice mirroring controller makes them.
+pub fn mirror(ep: &Endpoints) -> Vec<EndpointSlice> {
+    let ns = ep.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let name = ep.metadata.name.clone().unwrap_or_default();
+    let mut slices = Vec::new();
+    for (i, subset) in ep.subsets.iter().flatten().enumerate() {
+        let ports: Vec<EndpointPort> = subset
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| EndpointPort {
+                name: p.name.clone(),
+                port: Some(p.port),
+                protocol: p.protocol.clone(),
+                app_protocol: p.app_protocol.clone(),
+            })
+            .collect();
+        let mut by_family: BTreeMap<&str, Vec<Endpoint>> = BTreeMap::new();
+        let addresses = subset.addresses.iter().flatten().map(|a| (a, true));
+        let not_ready = subset.not_ready_addresses.iter().flatten().map(|a| (a, false));
+        for (addr, ready) in addresses.chain(not_ready) {
+            let family = if addr.ip.contains(':') { "IPv6" } else { "IPv4" };
+            by_family.entry(family).or_default().push(Endpoint {
+                addresses: vec![addr.ip.clone()],
+                conditions: Some(EndpointConditions {
+                    ready: Some(ready),
+                    serving: Some(ready),
+                    terminating: Some(false),
+                }),
+                hostname: addr.hostname.clone(),
+                node_name: addr.node_name.clone(),
+                target_ref: addr.target_ref.clone(),
+                ..Default::default()
+            });
+        }
+        for (family, endpoints) in by_family {
+            slices.push(EndpointSlice {
+                metadata: ObjectMeta {
+                    name: Some(format!("{name}-mirror-{}-{}", i, family.to_lowercase())),
+                    namespace: Some(ns.clone()),
+                    labels: Some([(LABEL_SERVICE_NAME.to_string(), name.clone())].into()),
+                    ..Default::default()
+                },
+                address_type: family.to_string(),
+                endpoints,
+                ports: Some(ports.clone()),
+            });
+        }
+    }
+    slices
+}
