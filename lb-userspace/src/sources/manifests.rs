@@ -14,13 +14,14 @@ use std::{
 };
 
 use k8s_openapi::{
+    Metadata, Resource,
     api::{
-        core::v1::{Endpoints, Service},
+        core::v1::Endpoints,
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use serde::Deserialize as _;
+use serde::{Deserialize as _, de::DeserializeOwned};
 use serde_yaml_ng::Value;
 
 use crate::model::{ClusterState, LABEL_SERVICE_NAME, object_ref};
@@ -138,28 +139,8 @@ fn add_object(v: Value, report: &mut dyn FnMut(Option<String>, String), state: &
     }
     let named = |meta: &ObjectMeta| meta.name.as_deref().is_some_and(|n| !n.is_empty());
     match kind.as_str() {
-        "Service" => match serde_yaml_ng::from_value::<Service>(v) {
-            Ok(mut svc) if named(&svc.metadata) => {
-                svc.metadata.namespace.get_or_insert_with(|| "default".into());
-                let key = object_ref(&svc.metadata);
-                if state.services.insert(key, svc).is_some() {
-                    report(Some(what), "defined twice: the later definition wins".into());
-                }
-            }
-            Ok(_) => report(Some(what), "metadata.name is missing".into()),
-            Err(e) => report(Some(what), format!("not a valid Service: {e}")),
-        },
-        "EndpointSlice" => match serde_yaml_ng::from_value::<EndpointSlice>(v) {
-            Ok(mut slice) if named(&slice.metadata) => {
-                slice.metadata.namespace.get_or_insert_with(|| "default".into());
-                let key = object_ref(&slice.metadata);
-                if state.slices.insert(key, slice).is_some() {
-                    report(Some(what), "defined twice: the later definition wins".into());
-                }
-            }
-            Ok(_) => report(Some(what), "metadata.name is missing".into()),
-            Err(e) => report(Some(what), format!("not a valid EndpointSlice: {e}")),
-        },
+        "Service" => insert(v, what, &mut state.services, report),
+        "EndpointSlice" => insert(v, what, &mut state.slices, report),
         "Endpoints" => match serde_yaml_ng::from_value::<Endpoints>(v) {
             Ok(ep) if named(&ep.metadata) => {
                 for slice in mirror(&ep) {
@@ -171,6 +152,27 @@ fn add_object(v: Value, report: &mut dyn FnMut(Option<String>, String), state: &
         },
         // Other kinds (Deployments, ConfigMaps...) may share the folder.
         _ => {}
+    }
+}
+
+/// Parses `v` as a `T` and files it under its `namespace/name`.
+fn insert<T>(
+    v: Value,
+    what: String,
+    into: &mut BTreeMap<String, T>,
+    report: &mut dyn FnMut(Option<String>, String),
+) where
+    T: DeserializeOwned + Resource + Metadata<Ty = ObjectMeta>,
+{
+    match serde_yaml_ng::from_value::<T>(v) {
+        Ok(mut obj) if obj.metadata().name.as_deref().is_some_and(|n| !n.is_empty()) => {
+            obj.metadata_mut().namespace.get_or_insert_with(|| "default".into());
+            if into.insert(object_ref(obj.metadata()), obj).is_some() {
+                report(Some(what), "defined twice: the later definition wins".into());
+            }
+        }
+        Ok(_) => report(Some(what), "metadata.name is missing".into()),
+        Err(e) => report(Some(what), format!("not a valid {}: {e}", T::KIND)),
     }
 }
 
