@@ -4,7 +4,11 @@
 //! function) → reconciler (diff against the pinned maps) → loader (programs,
 //! pins, attachments). `main.rs` is the CLI on top.
 
+pub mod agent;
+pub mod attach;
+pub mod inspect;
 pub mod loader;
 pub mod maps;
 pub mod model;
+pub mod reconciler;
 pub mod sources;

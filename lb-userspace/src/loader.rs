@@ -3,12 +3,7 @@
 //! Maps are declared `pin_by_name`, so a load reuses the maps an earlier run
 //! pinned (and their contents): a restarted agent adopts the live dataplane.
 
-use std::{
-    ffi::CString,
-    fs,
-    os::unix::ffi::OsStrExt as _,
-    path::{Path, PathBuf},
-};
+use std::{ffi::CString, fs, os::unix::ffi::OsStrExt as _, path::Path};
 
 use anyhow::{Context as _, Result, bail};
 use aya::{Ebpf, EbpfLoader};
@@ -90,9 +85,4 @@ pub fn load(pin_dir: &Path, caps: &Capacities) -> Result<Ebpf> {
             )
         })?;
     Ok(ebpf)
-}
-
-/// Where a program's attachment link is pinned, so it outlives the agent.
-pub fn link_pin_path(pin_dir: &Path, program: &str, ifname: &str) -> PathBuf {
-    pin_dir.join("links").join(format!("{program}@{ifname}"))
 }

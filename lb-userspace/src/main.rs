@@ -1,4 +1,203 @@
-fn main() {
-    eprintln!("lb-agent: the command line arrives with the agent (issue 3)");
-    std::process::exit(2);
+//! `lb-agent`: the node agent of the eBPF service load balancer.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use lb_userspace::{
+    agent, attach, inspect,
+    loader::{self, Capacities},
+    maps::Maps,
+    model::NodeInfo,
+};
+
+#[derive(Parser)]
+#[command(name = "lb-agent", version, about = "eBPF/XDP service load balancer: the node agent")]
+struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or tracing directives).
+    #[arg(long, global = true, env = "LB_LOG", default_value = "info")]
+    log_level: String,
+
+    /// bpffs directory holding the pinned maps and program links.
+    #[arg(long, global = true, env = "LB_PIN_DIR", default_value = loader::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Program this node from a folder of Kubernetes manifests and keep it in sync.
+    ///
+    /// Loads the XDP and TC programs (or adopts those pinned by an earlier
+    /// run), attaches XDP to the external interfaces and TC to pod
+    /// interfaces (also those that appear later), then applies every change
+    /// of the manifests within a moment. Stopping leaves traffic flowing.
+    Run(RunArgs),
+    /// Show the live dataplane from the pinned maps.
+    Inspect {
+        #[arg(value_enum)]
+        what: What,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+        /// At most this many conntrack entries.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Detach the programs and remove every pin (maps and links).
+    Reset,
+    /// Print the version.
+    Version,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Folder (or file) of Service, EndpointSlice and Endpoints manifests.
+    #[arg(long, env = "LB_MANIFESTS")]
+    manifests: PathBuf,
+    /// This node's name (matched against endpoints' nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// This node's topology zone.
+    #[arg(long, env = "LB_ZONE")]
+    zone: Option<String>,
+    /// Interface(s) facing clients outside the cluster: XDP attaches here.
+    #[arg(long = "external-interface", required = true)]
+    external_interfaces: Vec<String>,
+    /// Glob(s) naming the host side of pod interfaces: TC attaches here.
+    #[arg(long = "pod-interfaces")]
+    pod_interfaces: Vec<String>,
+    /// Node address(es) for NodePort and SNAT [default: the external interfaces' IPv4 addresses].
+    #[arg(long = "node-address")]
+    node_addresses: Vec<Ipv4Addr>,
+    /// SNAT source port range, MIN-MAX.
+    #[arg(long, default_value = "61000-65535", value_parser = parse_range)]
+    nat_ports: (u16, u16),
+    /// Conntrack capacity (entries; each flow takes two).
+    #[arg(long, default_value_t = lb_common::capacity::CONNTRACK)]
+    conntrack_size: u32,
+    /// Print the desired state for the manifests and exit, touching nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum What {
+    Services,
+    Backends,
+    Conntrack,
+    Stats,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+fn parse_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').ok_or("expected MIN-MAX")?;
+    let (a, b): (u16, u16) = (a.parse().map_err(|_| "bad MIN")?, b.parse().map_err(|_| "bad MAX")?);
+    if a == 0 || a > b {
+        return Err("MIN must be at least 1 and not above MAX".into());
+    }
+    Ok((a, b))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log_level).context("--log-level")?)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match cli.command {
+        Command::Run(args) => run(args, cli.pin_dir),
+        Command::Inspect { what, output, limit } => {
+            let maps = Maps::open_pinned(&cli.pin_dir)?;
+            print_inspect(&maps, what, output, limit)
+        }
+        Command::Reset => {
+            for removed in attach::reset(&cli.pin_dir)? {
+                println!("removed {removed}");
+            }
+            Ok(())
+        }
+        Command::Version => {
+            println!("lb-agent {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    }
+}
+
+fn run(args: RunArgs, pin_dir: PathBuf) -> Result<()> {
+    if args.dry_run {
+        let addresses = if args.node_addresses.is_empty() {
+            agent::interface_addresses(&args.external_interfaces)?
+        } else {
+            args.node_addresses.clone()
+        };
+        let node = NodeInfo { name: args.node_name, zone: args.zone, addresses };
+        print!("{}", agent::dry_run(&args.manifests, &node).1);
+        return Ok(());
+    }
+    let pod_interfaces = args
+        .pod_interfaces
+        .iter()
+        .map(|p| glob::Pattern::new(p).with_context(|| format!("--pod-interfaces {p:?}")))
+        .collect::<Result<_>>()?;
+    let opts = agent::Options {
+        manifests: args.manifests,
+        node_name: args.node_name,
+        zone: args.zone,
+        external_interfaces: args.external_interfaces,
+        pod_interfaces,
+        node_addresses: args.node_addresses,
+        pin_dir,
+        nat_ports: args.nat_ports,
+        capacities: Capacities { conntrack: args.conntrack_size, ..Capacities::default() },
+    };
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(opts))
+}
+
+fn print_inspect(maps: &Maps, what: What, output: Output, limit: usize) -> Result<()> {
+    let json = matches!(output, Output::Json);
+    match what {
+        What::Services => {
+            let rows = inspect::services(maps)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{}", inspect::services_table(&rows));
+            }
+        }
+        What::Backends => {
+            let rows = inspect::backends(maps)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{}", inspect::backends_table(&rows));
+            }
+        }
+        What::Conntrack => {
+            let rows = inspect::conntrack(maps, limit)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{}", inspect::conntrack_table(&rows));
+            }
+        }
+        What::Stats => {
+            let s = inspect::stats(maps)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                let (services, drops) = inspect::stats_table(&s);
+                println!("{services}\n{drops}");
+            }
+        }
+    }
+    Ok(())
 }

@@ -6,6 +6,7 @@
 //!   etherparse as the independent parser.
 
 pub mod bed;
+pub mod netns;
 pub mod packet;
 
 /// Fails (never skips) when the test cannot run for lack of privileges.

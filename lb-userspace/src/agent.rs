@@ -1,0 +1,231 @@
+//! `lb-agent run`: load (or adopt) the dataplane, attach it, and keep the
+//! maps equal to what the source says until told to stop.
+
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::Ebpf;
+use lb_common::Config;
+use notify::{RecursiveMode, Watcher as _};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    attach,
+    loader::{self, Capacities},
+    maps::Maps,
+    model::{ClusterState, Desired, NodeInfo, desired_state},
+    reconciler::{self, NodeSettings, Reconciler},
+    sources::manifests,
+};
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub manifests: PathBuf,
+    pub node_name: String,
+    pub zone: Option<String>,
+    pub external_interfaces: Vec<String>,
+    pub pod_interfaces: Vec<glob::Pattern>,
+    /// Explicit node addresses; else those of the external interfaces.
+    pub node_addresses: Vec<Ipv4Addr>,
+    pub pin_dir: PathBuf,
+    pub nat_ports: (u16, u16),
+    pub capacities: Capacities,
+}
+
+/// IPv4 addresses of `interfaces`.
+pub fn interface_addresses(interfaces: &[String]) -> Result<Vec<Ipv4Addr>> {
+    let mut out = Vec::new();
+    for ifa in nix::ifaddrs::getifaddrs().context("listing addresses")? {
+        if !interfaces.contains(&ifa.interface_name) {
+            continue;
+        }
+        if let Some(sin) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
+            out.push(sin.ip());
+        }
+    }
+    Ok(out)
+}
+
+/// The live agent: its programs, maps and what it has programmed.
+struct Agent {
+    opts: Options,
+    ebpf: Ebpf,
+    maps: Maps,
+    reconciler: Reconciler,
+    node: NodeInfo,
+    settings: NodeSettings,
+    pods: BTreeSet<String>,
+    reported: Vec<String>,
+}
+
+pub async fn run(opts: Options) -> Result<()> {
+    let mut agent = Agent::start(opts)?;
+    let (source_tx, mut source_rx) = mpsc::channel::<()>(1);
+    let _watcher = watch_path(&agent.opts.manifests, source_tx)?;
+    let (links_tx, mut links_rx) = mpsc::channel::<()>(1);
+    if !agent.opts.pod_interfaces.is_empty() {
+        std::thread::spawn(move || {
+            if let Err(e) = attach::watch_links(|| links_tx.try_send(()).is_ok() || !links_tx.is_closed()) {
+                error!(error = %e, "watching interfaces failed; new pod interfaces will not be served");
+            }
+        });
+    }
+    agent.attach_pods();
+    // The first full sync: stale entries of an earlier run are pruned only now.
+    agent.sync();
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            Some(()) = source_rx.recv() => {
+                // Editors write in bursts: let them finish.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                while source_rx.try_recv().is_ok() {}
+                agent.sync();
+            }
+            Some(()) = links_rx.recv() => agent.attach_pods(),
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
+        }
+    }
+    info!("stopping; programs stay attached and maps pinned (use `lb-agent reset` to remove them)");
+    Ok(())
+}
+
+impl Agent {
+    fn start(opts: Options) -> Result<Self> {
+        let mut ebpf = loader::load(&opts.pin_dir, &opts.capacities)?;
+        attach::load_programs(&mut ebpf)?;
+        for iface in &opts.external_interfaces {
+            attach::attach_xdp(&mut ebpf, &opts.pin_dir, iface)?;
+        }
+        let maps = Maps::from_ebpf(&mut ebpf)?;
+        let reconciler = Reconciler::adopt(&maps).context("adopting the pinned maps")?;
+        let adopted = reconciler.summary();
+        if adopted.frontends > 0 {
+            info!(
+                frontends = adopted.frontends,
+                backends = adopted.backends,
+                "adopted the maps of an earlier run"
+            );
+        }
+        let addresses = if opts.node_addresses.is_empty() {
+            interface_addresses(&opts.external_interfaces)?
+        } else {
+            opts.node_addresses.clone()
+        };
+        let Some(snat) = addresses.first() else {
+            bail!("no node address: give --node-address or an --external-interface with an IPv4 address");
+        };
+        let settings = NodeSettings {
+            addresses: addresses.iter().map(|a| a.octets()).collect(),
+            config: Config {
+                snat_addr: snat.octets(),
+                nat_port_min: opts.nat_ports.0,
+                nat_port_max: opts.nat_ports.1,
+            },
+        };
+        let node = NodeInfo { name: opts.node_name.clone(), zone: opts.zone.clone(), addresses };
+        info!(node = %node.name, addresses = ?node.addresses, pin_dir = %opts.pin_dir.display(), "agent started");
+        Ok(Self { opts, ebpf, maps, reconciler, node, settings, pods: BTreeSet::new(), reported: Vec::new() })
+    }
+
+    /// Reads the source and brings the maps in line with it.
+    fn sync(&mut self) {
+        let started = Instant::now();
+        let loaded = manifests::load(&self.opts.manifests);
+        let desired = desired_state(&loaded.state, &self.node);
+        self.report(&loaded, &desired);
+        if let Err(e) = self.apply(&desired) {
+            error!(
+                error = format!("{e:#}"),
+                "sync failed; re-reading the maps and retrying at the next change"
+            );
+            match Reconciler::adopt(&self.maps) {
+                Ok(r) => self.reconciler = r,
+                Err(e) => error!(error = format!("{e:#}"), "re-reading the maps failed"),
+            }
+            return;
+        }
+        let s = self.reconciler.summary();
+        info!(
+            frontends = s.frontends,
+            backends = s.backends,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "synced"
+        );
+    }
+
+    fn apply(&mut self, desired: &Desired) -> Result<()> {
+        let ops = self.reconciler.plan(desired, &self.settings)?;
+        for op in &ops {
+            debug!(?op, "map change");
+        }
+        reconciler::apply(&mut self.maps, &ops)
+    }
+
+    /// Logs manifest errors and semantic notes when they change.
+    fn report(&mut self, loaded: &manifests::Loaded, desired: &Desired) {
+        let mut lines: Vec<String> = loaded.errors.iter().map(|e| format!("manifest error: {e}")).collect();
+        lines.extend(desired.notes.iter().map(|n| format!("{}: {}", n.object, n.message)));
+        if lines != self.reported {
+            for l in &lines {
+                warn!("{l}");
+            }
+            self.reported = lines;
+        }
+    }
+
+    /// Attaches TC to pod interfaces not yet served.
+    fn attach_pods(&mut self) {
+        if self.opts.pod_interfaces.is_empty() {
+            return;
+        }
+        let all = match attach::interfaces() {
+            Ok(all) => all,
+            Err(e) => return error!(error = %e, "listing interfaces"),
+        };
+        let pods = attach::matching(&all, &self.opts.pod_interfaces);
+        for ifname in pods.difference(&self.pods.clone()) {
+            match attach::attach_tc(&mut self.ebpf, &self.opts.pin_dir, ifname) {
+                Ok(()) => {
+                    self.pods.insert(ifname.clone());
+                }
+                Err(e) => {
+                    warn!(interface = %ifname, error = format!("{e:#}"), "cannot attach to pod interface")
+                }
+            }
+        }
+        self.pods.retain(|p| pods.contains(p));
+        attach::forget_gone(&self.opts.pin_dir, &all);
+    }
+}
+
+/// Sends on `tx` whenever something under `path` changes.
+fn watch_path(path: &Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedWatcher> {
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !e.kind.is_access()) {
+            let _ = tx.try_send(());
+        }
+    })?;
+    // Editors replace files by renaming: watch the folder, not the file.
+    let dir = if path.is_dir() { path } else { path.parent().unwrap_or(Path::new(".")) };
+    watcher.watch(dir, RecursiveMode::NonRecursive).with_context(|| format!("watching {}", dir.display()))?;
+    Ok(watcher)
+}
+
+/// `--dry-run`: the desired state for the manifests, without touching the kernel.
+pub fn dry_run(path: &Path, node: &NodeInfo) -> (ClusterState, String) {
+    let loaded = manifests::load(path);
+    let mut out = desired_state(&loaded.state, node).dump();
+    for e in &loaded.errors {
+        out.push_str(&format!("error: {e}\n"));
+    }
+    (loaded.state, out)
+}

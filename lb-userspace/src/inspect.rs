@@ -1,0 +1,244 @@
+//! `lb-agent inspect`: the live dataplane read from the pinned maps, as a
+//! table or JSON. Works whether or not the agent is running.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use anyhow::Result;
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use lb_common::{Drop, FrontendKey, FrontendKind, SlotKey, ct_flags, ct_tcp, frontend_flags};
+use serde::Serialize;
+
+use crate::{maps::Maps, model::frontend_str};
+
+#[derive(Serialize)]
+pub struct ServiceRow {
+    pub frontend: String,
+    pub kind: String,
+    pub id: u32,
+    pub flags: Vec<&'static str>,
+    pub affinity_timeout: Option<u32>,
+    pub backends: Vec<String>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+#[derive(Serialize)]
+pub struct BackendRow {
+    pub id: u32,
+    pub backend: String,
+    pub proto: &'static str,
+    pub local: bool,
+}
+
+#[derive(Serialize)]
+pub struct ConntrackRow {
+    pub direction: &'static str,
+    pub tuple: String,
+    pub rewrite: String,
+    pub backend_id: u32,
+    pub frontend_id: u32,
+    pub tcp: String,
+    pub idle_s: u64,
+    pub expired: bool,
+}
+
+#[derive(Serialize)]
+pub struct Stats {
+    pub drops: BTreeMap<&'static str, u64>,
+    pub services: Vec<ServiceRow>,
+}
+
+fn proto_name(p: u8) -> &'static str {
+    match p {
+        lb_common::IPPROTO_TCP => "TCP",
+        lb_common::IPPROTO_UDP => "UDP",
+        _ => "?",
+    }
+}
+
+fn flag_names(flags: u8) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if flags & frontend_flags::AFFINITY != 0 {
+        v.push("affinity");
+    }
+    if flags & frontend_flags::SOURCE_RANGES != 0 {
+        v.push("source-ranges");
+    }
+    if flags & frontend_flags::LOCAL_ONLY != 0 {
+        v.push("local-only");
+    }
+    v
+}
+
+pub fn services(maps: &Maps) -> Result<Vec<ServiceRow>> {
+    let backends: BTreeMap<u32, lb_common::Backend> = maps.backends.iter().collect::<Result<_, _>>()?;
+    let mut frontends: Vec<(FrontendKey, lb_common::Frontend)> =
+        maps.services.iter().collect::<Result<_, _>>()?;
+    frontends.sort_by_key(|(k, _)| *k);
+    let mut rows = Vec::new();
+    for (key, fe) in frontends {
+        let mut list = Vec::new();
+        for slot in 0..fe.backend_count {
+            let entry = match maps.slots.get(&SlotKey { frontend_id: fe.id, slot }, 0) {
+                Ok(id) => match backends.get(&id) {
+                    Some(b) => format!(
+                        "{}:{}{}",
+                        Ipv4Addr::from(b.addr),
+                        b.port,
+                        if b.flags & 1 != 0 { " (local)" } else { "" }
+                    ),
+                    None => format!("#{id} (missing!)"),
+                },
+                Err(_) => format!("slot {slot} missing!"),
+            };
+            list.push(entry);
+        }
+        let stats = maps.svc_stats.get(&fe.id, 0).ok();
+        let sum = |f: fn(&lb_common::SvcStats) -> u64| stats.as_ref().map_or(0, |s| s.iter().map(f).sum());
+        rows.push(ServiceRow {
+            frontend: frontend_str(&key),
+            kind: FrontendKind::from_u8(fe.kind).map_or("?", FrontendKind::as_str).to_string(),
+            id: fe.id,
+            flags: flag_names(fe.flags),
+            affinity_timeout: (fe.flags & frontend_flags::AFFINITY != 0).then_some(fe.affinity_timeout),
+            backends: list,
+            packets: sum(|s| s.packets),
+            bytes: sum(|s| s.bytes),
+            new_flows: sum(|s| s.new_flows),
+        });
+    }
+    Ok(rows)
+}
+
+pub fn backends(maps: &Maps) -> Result<Vec<BackendRow>> {
+    let mut rows: Vec<BackendRow> = maps
+        .backends
+        .iter()
+        .map(|r| {
+            r.map(|(id, b)| BackendRow {
+                id,
+                backend: format!("{}:{}", Ipv4Addr::from(b.addr), b.port),
+                proto: proto_name(b.proto),
+                local: b.flags & lb_common::backend_flags::LOCAL != 0,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    rows.sort_by_key(|r| r.id);
+    Ok(rows)
+}
+
+/// `CLOCK_MONOTONIC` now, the clock conntrack timestamps use.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+pub fn conntrack(maps: &Maps, limit: usize) -> Result<Vec<ConntrackRow>> {
+    let now = monotonic_ns();
+    let mut rows = Vec::new();
+    for entry in maps.conntrack.iter().take(limit) {
+        let (k, e) = entry?;
+        let addr = |a: [u8; 4], p: u16| format!("{}:{p}", Ipv4Addr::from(a));
+        let mut rewrite = Vec::new();
+        if e.flags & ct_flags::REWRITE_SRC != 0 {
+            rewrite.push(format!("src→{}", addr(e.nat_saddr, e.nat_sport)));
+        }
+        if e.flags & ct_flags::REWRITE_DST != 0 {
+            rewrite.push(format!("dst→{}", addr(e.nat_daddr, e.nat_dport)));
+        }
+        let mut tcp = String::new();
+        for (bit, c) in [(ct_tcp::SYN, 'S'), (ct_tcp::FIN, 'F'), (ct_tcp::RST, 'R')] {
+            if e.tcp & bit != 0 {
+                tcp.push(c);
+            }
+        }
+        rows.push(ConntrackRow {
+            direction: if e.is_reply() { "reply" } else { "request" },
+            tuple: format!("{} {} → {}", proto_name(k.proto), addr(k.saddr, k.sport), addr(k.daddr, k.dport)),
+            rewrite: rewrite.join(" "),
+            backend_id: e.backend_id,
+            frontend_id: e.frontend_id,
+            tcp,
+            idle_s: now.saturating_sub(e.last_seen) / 1_000_000_000,
+            expired: e.expired(k.proto, now),
+        });
+    }
+    Ok(rows)
+}
+
+pub fn drops(maps: &Maps) -> Result<BTreeMap<&'static str, u64>> {
+    let mut out = BTreeMap::new();
+    for reason in Drop::ALL {
+        let total = maps.drops.get(&(reason as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
+        out.insert(reason.as_str(), total);
+    }
+    Ok(out)
+}
+
+pub fn stats(maps: &Maps) -> Result<Stats> {
+    Ok(Stats { drops: drops(maps)?, services: services(maps)? })
+}
+
+pub fn services_table(rows: &[ServiceRow]) -> Table {
+    let mut t = table(&["FRONTEND", "KIND", "ID", "FLAGS", "BACKENDS"]);
+    for r in rows {
+        let backends = if r.backends.is_empty() {
+            if r.flags.contains(&"local-only") { "(none: drop)".into() } else { "(none: reject)".into() }
+        } else {
+            r.backends.join("\n")
+        };
+        t.add_row(vec![r.frontend.clone(), r.kind.clone(), r.id.to_string(), r.flags.join(","), backends]);
+    }
+    t
+}
+
+pub fn backends_table(rows: &[BackendRow]) -> Table {
+    let mut t = table(&["ID", "BACKEND", "PROTO", "LOCAL"]);
+    for r in rows {
+        t.add_row(vec![r.id.to_string(), r.backend.clone(), r.proto.into(), r.local.to_string()]);
+    }
+    t
+}
+
+pub fn conntrack_table(rows: &[ConntrackRow]) -> Table {
+    let mut t = table(&["DIR", "TUPLE", "REWRITE", "BACKEND", "FRONTEND", "TCP", "IDLE", "STATE"]);
+    for r in rows {
+        t.add_row(vec![
+            r.direction.into(),
+            r.tuple.clone(),
+            r.rewrite.clone(),
+            r.backend_id.to_string(),
+            r.frontend_id.to_string(),
+            r.tcp.clone(),
+            format!("{}s", r.idle_s),
+            if r.expired { "expired".into() } else { "live".into() },
+        ]);
+    }
+    t
+}
+
+pub fn stats_table(s: &Stats) -> (Table, Table) {
+    let mut t = table(&["FRONTEND", "KIND", "PACKETS", "BYTES", "NEW FLOWS"]);
+    for r in &s.services {
+        t.add_row(vec![
+            r.frontend.clone(),
+            r.kind.clone(),
+            r.packets.to_string(),
+            r.bytes.to_string(),
+            r.new_flows.to_string(),
+        ]);
+    }
+    let mut d = table(&["DROP REASON", "PACKETS"]);
+    for (reason, n) in &s.drops {
+        d.add_row(vec![reason.to_string(), n.to_string()]);
+    }
+    (t, d)
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY).set_header(header.to_vec());
+    t
+}

@@ -1,0 +1,201 @@
+//! Network namespaces, veth pairs, a private bpffs and agent processes for
+//! real-traffic tests. Everything is created inside namespaces this harness
+//! makes (never in the machine's own), named with a per-run prefix, and
+//! removed on drop, also when a test fails.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A per-process, per-call unique short prefix (interface names are ≤ 15 chars).
+pub fn unique(tag: &str) -> String {
+    format!("lbt{}{}{}", std::process::id() % 100_000, tag, SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn ip(args: &[&str]) -> Result<String> {
+    run(Command::new("ip").args(args))
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Result<Self> {
+        let name = unique(tag);
+        ip(&["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n <ns> ...`
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        ip(&full)
+    }
+
+    /// A command run inside the namespace.
+    pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        run(self.cmd("sysctl").args(["-qw", &format!("{key}={value}")])).map(|_| ())
+    }
+
+    /// Runs `f` on a thread that has entered this namespace.
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let file = File::open(format!("/run/netns/{}", self.name))?;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: a valid netns fd; setns affects this thread only.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    bail!("setns {}: {}", self.name, std::io::Error::last_os_error());
+                }
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// A veth pair from `a` (named `a_if`) to `b` (named `b_if`), both up.
+pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
+    a.ip(&["link", "add", "name", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name])?;
+    a.ip(&["link", "set", a_if, "up"])?;
+    b.ip(&["link", "set", b_if, "up"])?;
+    Ok(())
+}
+
+/// A private bpffs mount for one test's pins; unmounted on drop.
+pub struct Bpffs {
+    pub dir: PathBuf,
+}
+
+impl Bpffs {
+    pub fn new() -> Result<Self> {
+        let dir = std::env::temp_dir().join(unique("bpf"));
+        std::fs::create_dir_all(&dir)?;
+        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&dir))?;
+        Ok(Self { dir })
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The `lb-agent` binary built beside the test binaries.
+pub fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> → target/<profile>/lb-agent
+    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("lb-agent");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace first (`cargo xtask test` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// `lb-agent` running in a namespace; stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Agent {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(ns: &Netns, args: &[&str]) -> Result<Self> {
+        let log = std::env::temp_dir().join(format!("{}.log", unique("agent")));
+        let out = File::create(&log)?;
+        let child = ns
+            .cmd(agent_binary())
+            .args(args)
+            .env("LB_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .context("starting lb-agent")?;
+        Ok(Self { child, log })
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the agent the way a rolling update would (SIGTERM).
+    pub fn stop(mut self) -> Result<()> {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> Result<()> {
+        if self.child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.terminate();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,123 @@
+//! The real `lb-agent` binary in a node namespace, from a manifests folder:
+//! it programs the maps, `inspect` shows them, a manifest edit reaches the
+//! maps within a second, a restart adopts without changes, and `reset`
+//! removes everything. Needs root.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use lb_tests::{
+    netns::{Agent, Bpffs, Netns, agent_binary, run, veth, wait_for},
+    require_root,
+};
+use serde_json::Value;
+
+const SERVICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+"#;
+
+fn slice(addresses: &[&str]) -> String {
+    let eps: Vec<String> =
+        addresses.iter().map(|a| format!("  - addresses: [\"{a}\"]\n    nodeName: node-1\n")).collect();
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: default\n  \
+         labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
+         endpoints:\n{}",
+        eps.concat()
+    )
+}
+
+fn inspect(pin: &Path, what: &str) -> Option<Value> {
+    let out = Command::new(agent_binary())
+        .args(["inspect", what, "-o", "json", "--pin-dir"])
+        .arg(pin)
+        .output()
+        .ok()?;
+    out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
+}
+
+fn backends_of(pin: &Path, frontend: &str) -> Option<Vec<String>> {
+    let services = inspect(pin, "services")?;
+    let fe = services.as_array()?.iter().find(|s| s["frontend"] == frontend)?;
+    Some(fe["backends"].as_array()?.iter().filter_map(|b| b.as_str().map(String::from)).collect())
+}
+
+#[test]
+fn agent_programs_updates_restarts_and_resets() {
+    require_root();
+    let node = Netns::new("n").unwrap();
+    veth(&node, "ext0", &node, "ext1").unwrap();
+    node.ip(&["addr", "add", "192.0.2.11/24", "dev", "ext0"]).unwrap();
+    let bpffs = Bpffs::new().unwrap();
+    let pin = bpffs.dir.join("lb");
+    let dir = tempdir();
+    std::fs::write(dir.join("service.yaml"), SERVICE).unwrap();
+    std::fs::write(dir.join("slice.yaml"), slice(&["10.244.1.5", "10.244.1.6"])).unwrap();
+
+    let args = [
+        "run",
+        "--manifests",
+        dir.to_str().unwrap(),
+        "--node-name",
+        "node-1",
+        "--external-interface",
+        "ext0",
+        "--pod-interfaces",
+        "lbp*",
+        "--pin-dir",
+        pin.to_str().unwrap(),
+    ];
+    let agent = Agent::start(&node, &args).unwrap();
+    let got =
+        wait_for(Duration::from_secs(10), || backends_of(&pin, "10.96.0.10:80/TCP").filter(|b| b.len() == 2));
+    assert!(got.is_some(), "ClusterIP not programmed; agent log:\n{}", agent.log());
+    let nodeport = backends_of(&pin, "*:30080/TCP").expect("NodePort frontend");
+    assert_eq!(nodeport.len(), 2);
+    let link = node.ip(&["link", "show", "ext0"]).unwrap();
+    assert!(link.contains("xdp"), "XDP attached to ext0: {link}");
+
+    // A manifest edit reaches the maps within a second.
+    let written = std::time::Instant::now();
+    std::fs::write(dir.join("slice.yaml"), slice(&["10.244.1.5", "10.244.1.6", "10.244.1.7"])).unwrap();
+    let grown =
+        wait_for(Duration::from_secs(1), || backends_of(&pin, "10.96.0.10:80/TCP").filter(|b| b.len() == 3));
+    assert!(grown.is_some(), "edit not applied within 1 s; agent log:\n{}", agent.log());
+    eprintln!("manifest edit applied in {:?}", written.elapsed());
+
+    // A broken file is reported and changes nothing else.
+    std::fs::write(dir.join("broken.yaml"), "kind: Service\nspec: [unclosed\n").unwrap();
+    let reported = wait_for(Duration::from_secs(2), || agent.log().contains("broken.yaml").then_some(()));
+    assert!(reported.is_some(), "broken manifest not reported:\n{}", agent.log());
+    assert_eq!(backends_of(&pin, "10.96.0.10:80/TCP").map(|b| b.len()), Some(3));
+
+    // Stop: programs stay attached, maps stay pinned.
+    let ids_before = inspect(&pin, "services").unwrap();
+    agent.stop().unwrap();
+    assert!(node.ip(&["link", "show", "ext0"]).unwrap().contains("xdp"), "XDP detached on stop");
+    assert!(backends_of(&pin, "10.96.0.10:80/TCP").is_some(), "maps gone after stop");
+
+    // Restart: adopts the maps; nothing is rewritten.
+    let agent = Agent::start(&node, &args).unwrap();
+    let synced = wait_for(Duration::from_secs(10), || agent.log().contains("synced").then_some(()));
+    assert!(synced.is_some(), "no sync after restart:\n{}", agent.log());
+    assert!(agent.log().contains("adopted the maps"), "{}", agent.log());
+    assert_eq!(inspect(&pin, "services").unwrap(), ids_before, "restart changed the programmed state");
+    agent.stop().unwrap();
+
+    // Reset detaches and unpins.
+    run(Command::new(agent_binary()).args(["reset", "--pin-dir"]).arg(&pin)).unwrap();
+    assert!(!node.ip(&["link", "show", "ext0"]).unwrap().contains("xdp"), "XDP still attached after reset");
+    assert!(inspect(&pin, "services").is_none(), "maps still pinned after reset");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(lb_tests::netns::unique("m"));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
