@@ -21,12 +21,27 @@ use crate::{
     maps::Maps,
     model::{ClusterState, Desired, NodeInfo, desired_state},
     reconciler::{self, NodeSettings, Reconciler},
-    sources::manifests,
+    sources::{kubernetes::KubeSource, manifests},
 };
+
+/// Where Services and EndpointSlices come from.
+#[derive(Clone, Debug)]
+pub enum SourceKind {
+    Manifests(PathBuf),
+    /// The API server: in-cluster config, `$KUBECONFIG` or this kubeconfig.
+    Kubernetes {
+        kubeconfig: Option<PathBuf>,
+    },
+}
+
+enum Source {
+    Manifests(PathBuf),
+    Kubernetes(KubeSource),
+}
 
 #[derive(Clone, Debug)]
 pub struct Options {
-    pub manifests: PathBuf,
+    pub source: SourceKind,
     pub node_name: String,
     pub zone: Option<String>,
     pub external_interfaces: Vec<String>,
@@ -55,6 +70,7 @@ pub fn interface_addresses(interfaces: &[String]) -> Result<Vec<Ipv4Addr>> {
 /// The live agent: its programs, maps and what it has programmed.
 struct Agent {
     opts: Options,
+    source: Source,
     ebpf: Ebpf,
     maps: Maps,
     reconciler: Reconciler,
@@ -65,9 +81,22 @@ struct Agent {
 }
 
 pub async fn run(opts: Options) -> Result<()> {
-    let mut agent = Agent::start(opts)?;
     let (source_tx, mut source_rx) = mpsc::channel::<()>(1);
-    let _watcher = watch_path(&agent.opts.manifests, source_tx)?;
+    let mut _watcher = None;
+    let source = match &opts.source {
+        SourceKind::Manifests(path) => {
+            _watcher = Some(watch_path(path, source_tx)?);
+            Source::Manifests(path.clone())
+        }
+        SourceKind::Kubernetes { kubeconfig } => {
+            let client = kube_client(kubeconfig.as_deref()).await?;
+            let source = KubeSource::start(client, &opts.node_name, source_tx);
+            info!("waiting for the first full list of Services, EndpointSlices and this Node");
+            source.ready().await.context("first sync from the API server")?;
+            Source::Kubernetes(source)
+        }
+    };
+    let mut agent = Agent::start(opts, source)?;
     let (links_tx, mut links_rx) = mpsc::channel::<()>(1);
     if !agent.opts.pod_interfaces.is_empty() {
         std::thread::spawn(move || {
@@ -99,7 +128,7 @@ pub async fn run(opts: Options) -> Result<()> {
 }
 
 impl Agent {
-    fn start(opts: Options) -> Result<Self> {
+    fn start(opts: Options, source: Source) -> Result<Self> {
         let mut ebpf = loader::load(&opts.pin_dir, &opts.capacities)?;
         attach::load_programs(&mut ebpf)?;
         for iface in &opts.external_interfaces {
@@ -115,10 +144,16 @@ impl Agent {
                 "adopted the maps of an earlier run"
             );
         }
-        let addresses = if opts.node_addresses.is_empty() {
-            interface_addresses(&opts.external_interfaces)?
-        } else {
+        let facts = match &source {
+            Source::Kubernetes(k) => k.node(),
+            Source::Manifests(_) => Default::default(),
+        };
+        let addresses = if !opts.node_addresses.is_empty() {
             opts.node_addresses.clone()
+        } else if !facts.addresses.is_empty() {
+            facts.addresses.clone()
+        } else {
+            interface_addresses(&opts.external_interfaces)?
         };
         let Some(snat) = addresses.first() else {
             bail!("no node address: give --node-address or an --external-interface with an IPv4 address");
@@ -131,15 +166,29 @@ impl Agent {
                 nat_port_max: opts.nat_ports.1,
             },
         };
-        let node = NodeInfo { name: opts.node_name.clone(), zone: opts.zone.clone(), addresses };
+        let zone = opts.zone.clone().or(facts.zone);
+        let node = NodeInfo { name: opts.node_name.clone(), zone, addresses };
         info!(node = %node.name, addresses = ?node.addresses, pin_dir = %opts.pin_dir.display(), "agent started");
-        Ok(Self { opts, ebpf, maps, reconciler, node, settings, pods: BTreeSet::new(), reported: Vec::new() })
+        Ok(Self {
+            opts,
+            source,
+            ebpf,
+            maps,
+            reconciler,
+            node,
+            settings,
+            pods: BTreeSet::new(),
+            reported: Vec::new(),
+        })
     }
 
     /// Reads the source and brings the maps in line with it.
     fn sync(&mut self) {
         let started = Instant::now();
-        let loaded = manifests::load(&self.opts.manifests);
+        let loaded = match &self.source {
+            Source::Manifests(path) => manifests::load(path),
+            Source::Kubernetes(k) => manifests::Loaded { state: k.snapshot(), errors: Vec::new() },
+        };
         let desired = desired_state(&loaded.state, &self.node);
         self.report(&loaded, &desired);
         if let Err(e) = self.apply(&desired) {
@@ -205,6 +254,18 @@ impl Agent {
         self.pods.retain(|p| pods.contains(p));
         attach::forget_gone(&self.opts.pin_dir, &all);
     }
+}
+
+async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+        }
+        None => kube::Config::infer().await.context("no in-cluster config and no kubeconfig")?,
+    };
+    Ok(kube::Client::try_from(config)?)
 }
 
 /// Sends on `tx` whenever something under `path` changes.

@@ -28,7 +28,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Program this node from a folder of Kubernetes manifests and keep it in sync.
+    /// Program this node from Kubernetes manifests (or the API server) and keep it in sync.
     ///
     /// Loads the XDP and TC programs (or adopts those pinned by an earlier
     /// run), attaches XDP to the external interfaces and TC to pod
@@ -55,8 +55,14 @@ enum Command {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Folder (or file) of Service, EndpointSlice and Endpoints manifests.
-    #[arg(long, env = "LB_MANIFESTS")]
-    manifests: PathBuf,
+    #[arg(long, env = "LB_MANIFESTS", required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    manifests: Option<PathBuf>,
+    /// Watch the Kubernetes API server instead (in-cluster config or $KUBECONFIG).
+    #[arg(long)]
+    kubernetes: bool,
+    /// Kubeconfig file for --kubernetes [default: in-cluster config, then $KUBECONFIG].
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
     /// This node's name (matched against endpoints' nodeName).
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
@@ -140,7 +146,8 @@ fn run(args: RunArgs, pin_dir: PathBuf) -> Result<()> {
             args.node_addresses.clone()
         };
         let node = NodeInfo { name: args.node_name, zone: args.zone, addresses };
-        print!("{}", agent::dry_run(&args.manifests, &node).1);
+        let manifests = args.manifests.context("--dry-run reads --manifests")?;
+        print!("{}", agent::dry_run(&manifests, &node).1);
         return Ok(());
     }
     let pod_interfaces = args
@@ -148,8 +155,12 @@ fn run(args: RunArgs, pin_dir: PathBuf) -> Result<()> {
         .iter()
         .map(|p| glob::Pattern::new(p).with_context(|| format!("--pod-interfaces {p:?}")))
         .collect::<Result<_>>()?;
+    let source = match args.manifests {
+        Some(path) => agent::SourceKind::Manifests(path),
+        None => agent::SourceKind::Kubernetes { kubeconfig: args.kubeconfig },
+    };
     let opts = agent::Options {
-        manifests: args.manifests,
+        source,
         node_name: args.node_name,
         zone: args.zone,
         external_interfaces: args.external_interfaces,
