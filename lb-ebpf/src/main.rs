@@ -24,6 +24,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
+use aya_log_ebpf::debug;
 use lb_common::Drop;
 
 use crate::{
@@ -45,10 +46,17 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop(reason) => {
             count_drop(reason);
+            let k = &pkt.key;
+            debug!(
+                &ctx,
+                "xdp drop (reason {}): {:i}:{} -> {:i}:{}", reason as u32, k.saddr, k.sport, k.daddr, k.dport
+            );
             xdp_action::XDP_DROP
         }
         Verdict::Reject => {
             count_drop(Drop::Rejected);
+            let k = &pkt.key;
+            debug!(&ctx, "xdp reject, no endpoint: {:i}:{} -> {:i}:{}", k.saddr, k.sport, k.daddr, k.dport);
             reject::xdp(&ctx, &pkt)
         }
         Verdict::Translate(nat) => {
@@ -75,10 +83,17 @@ pub fn lb_tc_pod(ctx: TcContext) -> i32 {
         Verdict::Pass => TC_ACT_OK,
         Verdict::Drop(reason) => {
             count_drop(reason);
+            let k = &pkt.key;
+            debug!(
+                &ctx,
+                "tc drop (reason {}): {:i}:{} -> {:i}:{}", reason as u32, k.saddr, k.sport, k.daddr, k.dport
+            );
             TC_ACT_SHOT
         }
         Verdict::Reject => {
             count_drop(Drop::Rejected);
+            let k = &pkt.key;
+            debug!(&ctx, "tc reject, no endpoint: {:i}:{} -> {:i}:{}", k.saddr, k.sport, k.daddr, k.dport);
             reject::tc(&ctx, &pkt)
         }
         Verdict::Translate(nat) => match nat::rewrite_tc(&ctx, &pkt, &nat) {

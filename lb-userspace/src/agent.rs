@@ -97,6 +97,20 @@ pub async fn run(opts: Options) -> Result<()> {
         }
     };
     let mut agent = Agent::start(opts, source)?;
+    // The programs' aya-log messages, into this process's log. The logger
+    // owns the log map: it lives as long as the loop below.
+    let ebpf_log = match aya_log::EbpfLogger::init(&mut agent.ebpf) {
+        // SAFETY: the logger owns its ring buffer fd and keeps it open while
+        // the AsyncFd holds it.
+        Ok(logger) => Some(unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)?
+        }),
+        Err(e) => {
+            warn!(error = %e, "eBPF log messages unavailable");
+            None
+        }
+    };
+    let mut ebpf_log = ebpf_log;
     let (links_tx, mut links_rx) = mpsc::channel::<()>(1);
     if !agent.opts.pod_interfaces.is_empty() {
         std::thread::spawn(move || {
@@ -119,6 +133,10 @@ pub async fn run(opts: Options) -> Result<()> {
                 agent.sync();
             }
             Some(()) = links_rx.recv() => agent.attach_pods(),
+            Ok(mut ready) = async { ebpf_log.as_mut().expect("guarded").readable_mut().await }, if ebpf_log.is_some() => {
+                ready.get_inner_mut().flush();
+                ready.clear_ready();
+            }
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
         }

@@ -69,8 +69,11 @@ pub fn is_bpffs(dir: &Path) -> Result<bool> {
 /// Loads the object with its maps pinned (or adopted) under `pin_dir`.
 pub fn load(pin_dir: &Path, caps: &Capacities) -> Result<Ebpf> {
     ensure_bpffs(pin_dir)?;
+    // The programs skip formatting log events below the agent's level.
+    let log_level = log::max_level() as u8;
     let ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
+        .override_global(aya_log::LEVEL, &log_level, false)
         .map_max_entries(MAP_SERVICES, caps.services)
         .map_max_entries(MAP_BACKENDS, caps.backends)
         .map_max_entries(MAP_SLOTS, caps.slots)
