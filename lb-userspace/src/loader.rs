@@ -12,6 +12,10 @@ use lb_common::{MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_SERVICES, MAP_SLO
 /// The eBPF object built by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
+/// Reference programs (`floor_pass`, `floor_tx`, `floor_drop`) for test
+/// topologies and benchmarks; the agent does not load them.
+pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-floor"));
+
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 pub const XDP_PROGRAM: &str = "lb_xdp";
 pub const TC_PROGRAM: &str = "lb_tc_pod";

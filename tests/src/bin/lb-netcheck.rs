@@ -1,0 +1,109 @@
+//! Test servers and clients for the namespace cluster (run inside a pod or
+//! client namespace with `ip netns exec`).
+//!
+//! - `serve NAME`: HTTP on :8080 answering NAME (`/whoami`: NAME and the
+//!   client address seen), `NAME:9090` and `NAME:9091` on those ports, UDP on :5353 answering `NAME:<payload>`, and a
+//!   TCP echo on :7000.
+//! - `udp ADDR:PORT COUNT`: one datagram per line of output: the answer,
+//!   `refused` (ICMP port unreachable) or `timeout`.
+//! - `stream ADDR:PORT SECONDS`: a long-lived TCP connection through the
+//!   echo server, checking every byte comes back; prints `ok <bytes>` or the
+//!   error and exits non-zero.
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{TcpListener, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["serve", name] => serve(name),
+        ["udp", to, count] => udp(to, count.parse()?),
+        ["stream", to, seconds] => stream(to, Duration::from_secs(seconds.parse()?)),
+        _ => bail!("usage: lb-netcheck serve NAME | udp ADDR:PORT COUNT | stream ADDR:PORT SECONDS"),
+    }
+}
+
+fn serve(name: &str) -> Result<()> {
+    for port in [8080u16, 9090, 9091] {
+        let server =
+            tiny_http::Server::http(("0.0.0.0", port)).map_err(|e| anyhow::anyhow!("http :{port}: {e}"))?;
+        let body = if port == 8080 { name.to_string() } else { format!("{name}:{port}") };
+        std::thread::spawn(move || {
+            for request in server.incoming_requests() {
+                // `/whoami` also says which client address the pod saw.
+                let answer = match (request.url(), request.remote_addr()) {
+                    ("/whoami", Some(peer)) => format!("{body} {}", peer.ip()),
+                    _ => body.clone(),
+                };
+                let _ = request.respond(tiny_http::Response::from_string(answer));
+            }
+        });
+    }
+    let udp = UdpSocket::bind("0.0.0.0:5353")?;
+    let udp_name = name.to_string();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = udp.recv_from(&mut buf) {
+            let reply = format!("{udp_name}:{}", String::from_utf8_lossy(&buf[..n]));
+            let _ = udp.send_to(reply.as_bytes(), from);
+        }
+    });
+    let echo = TcpListener::bind("0.0.0.0:7000")?;
+    for conn in echo.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 16 * 1024];
+            while let Ok(n) = conn.read(&mut buf) {
+                if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn udp(to: &str, count: u32) -> Result<()> {
+    for i in 0..count {
+        // A fresh socket (and source port) per query: a new flow each time.
+        let sock = UdpSocket::bind("0.0.0.0:0")?;
+        sock.connect(to)?;
+        sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+        sock.send(format!("q{i}").as_bytes())?;
+        let mut buf = [0u8; 1500];
+        match sock.recv(&mut buf) {
+            Ok(n) => println!("{}", String::from_utf8_lossy(&buf[..n])),
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => println!("refused"),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => println!("timeout"),
+            Err(e) => println!("error {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn stream(to: &str, duration: Duration) -> Result<()> {
+    let mut conn = TcpStream::connect_timeout(&to.parse()?, Duration::from_secs(2)).context("connect")?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let started = Instant::now();
+    let mut total: u64 = 0;
+    let mut seq: u64 = 0;
+    while started.elapsed() < duration {
+        let chunk: Vec<u8> = (0..1024u64).map(|i| ((seq * 1024 + i) % 251) as u8).collect();
+        conn.write_all(&chunk).with_context(|| format!("write after {total} bytes"))?;
+        let mut back = vec![0u8; chunk.len()];
+        conn.read_exact(&mut back).with_context(|| format!("read after {total} bytes"))?;
+        if back != chunk {
+            bail!("corrupted echo after {total} bytes");
+        }
+        total += chunk.len() as u64;
+        seq += 1;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!("ok {total}");
+    Ok(())
+}

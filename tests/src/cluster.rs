@@ -1,0 +1,353 @@
+//! A small cluster in network namespaces, for the scenario tests and the demo.
+//!
+//! ```text
+//!  client (192.0.2.100) ─┐
+//!  node-1 (192.0.2.11) ──┼── switch (bridge)        all on 192.0.2.0/24
+//!  node-2 (192.0.2.12) ──┘
+//!  node-1 ── lbp-* veths ── pods 10.244.1.0/24      node-2 ── pods 10.244.2.0/24
+//! ```
+//!
+//! Every interface and address lives in namespaces made here, named with a
+//! per-run prefix; nothing routes out of the topology. Each node runs the
+//! real `lb-agent` from a manifests folder, as a DaemonSet would, with XDP
+//! on its `eth0` and TC on its pod interfaces. Pods run `lb-netcheck serve`.
+//! Dropping the cluster stops everything and removes the namespaces and the
+//! bpffs mount, also when a test fails.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::netns::{Agent, Bpffs, Netns, run, unique, veth, wait_for};
+
+pub const CLIENT_ADDR: &str = "192.0.2.100";
+pub const NODE_ADDRS: [&str; 2] = ["192.0.2.11", "192.0.2.12"];
+pub const NODE_NAMES: [&str; 2] = ["node-1", "node-2"];
+/// Routed by the client to node-1: LoadBalancer (TEST-NET-2) and external
+/// IPs (TEST-NET-3), as an upstream router would.
+pub const VIP_RANGES: [&str; 2] = ["198.51.100.0/24", "203.0.113.0/24"];
+
+#[derive(Clone, Copy)]
+enum Plug {
+    Client,
+    Client2,
+    Node(usize),
+}
+
+/// MAC of every pod's gateway (the host side of its veth).
+const GATEWAY_MAC: &str = "ee:ee:ee:ee:ee:ee";
+
+/// A pod: its name (also what its servers answer), node (0 or 1) and address.
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub name: String,
+    pub node: usize,
+    pub addr: String,
+}
+
+impl PodSpec {
+    pub fn new(name: &str, node: usize, addr: &str) -> Self {
+        Self { name: name.into(), node, addr: addr.into() }
+    }
+}
+
+pub struct Pod {
+    pub spec: PodSpec,
+    pub ns: Netns,
+    server: Option<Child>,
+}
+
+pub struct Cluster {
+    // Drop order matters: agents and servers stop before their namespaces go.
+    pub agents: Vec<Option<Agent>>,
+    pub pods: Vec<Pod>,
+    pub client: Netns,
+    /// Another external client, for affinity checks.
+    pub client2: Netns,
+    pub nodes: Vec<Netns>,
+    pub switch: Netns,
+    pub manifests: PathBuf,
+    pub bpffs: Bpffs,
+    /// XDP_PASS on the switch ports, so frames the nodes send with XDP_TX
+    /// are delivered (a veth drops them unless its peer runs XDP or GRO,
+    /// and GRO would merge forwarded segments into oversized frames).
+    floor: aya::Ebpf,
+    switch_ports: Vec<String>,
+    pod_seq: usize,
+}
+
+fn helper() -> PathBuf {
+    crate::netns::agent_binary().with_file_name("lb-netcheck")
+}
+
+fn ethtool(ns: &Netns, args: &[&str]) -> Result<()> {
+    run(ns.cmd("ethtool").args(args).stdout(Stdio::null())).map(|_| ())
+}
+
+impl Cluster {
+    /// Builds the topology, starts `pods`' servers and an agent per node
+    /// reading `manifests` (copied to a folder tests may edit).
+    pub fn new(manifests: &Path, pods: &[PodSpec]) -> Result<Self> {
+        crate::require_root();
+        let switch = Netns::new("sw")?;
+        switch.ip(&["link", "add", "name", "br0", "type", "bridge"])?;
+        switch.ip(&["link", "set", "br0", "up"])?;
+        let mut cluster = Self {
+            agents: Vec::new(),
+            pods: Vec::new(),
+            client: Netns::new("c")?,
+            client2: Netns::new("c")?,
+            nodes: vec![Netns::new("n")?, Netns::new("n")?],
+            switch,
+            manifests: std::env::temp_dir().join(unique("man")),
+            bpffs: Bpffs::new()?,
+            floor: aya::Ebpf::load(lb_userspace::loader::FLOOR_OBJECT)?,
+            switch_ports: Vec::new(),
+            pod_seq: 0,
+        };
+        std::fs::create_dir_all(&cluster.manifests)?;
+        for entry in
+            std::fs::read_dir(manifests).with_context(|| format!("reading {}", manifests.display()))?
+        {
+            let p = entry?.path();
+            if p.is_file() {
+                std::fs::copy(&p, cluster.manifests.join(p.file_name().expect("file name")))?;
+            }
+        }
+        cluster.wire_lan()?;
+        for p in pods {
+            cluster.add_pod(p.clone())?;
+        }
+        for i in 0..2 {
+            let agent = cluster.start_agent(i)?;
+            cluster.agents.push(Some(agent));
+        }
+        cluster.wait_synced()?;
+        Ok(cluster)
+    }
+
+    /// Plugs `ns`'s `eth0` into the switch with `addr`.
+    fn plug(&mut self, ns_index: Plug, tag: &str, addr: &str) -> Result<()> {
+        let port = unique(tag);
+        let ns = match ns_index {
+            Plug::Client => &self.client,
+            Plug::Client2 => &self.client2,
+            Plug::Node(i) => &self.nodes[i],
+        };
+        veth(&self.switch, &port, ns, "eth0")?;
+        self.switch.ip(&["link", "set", &port, "master", "br0"])?;
+        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        // Frames leave these interfaces with complete checksums, as on a wire.
+        ethtool(ns, &["-K", "eth0", "tx", "off"])?;
+        self.switch_ports.push(port);
+        Ok(())
+    }
+
+    fn attach_switch_floor(&mut self) -> Result<()> {
+        let prog: &mut aya::programs::Xdp =
+            self.floor.program_mut("floor_pass").context("floor_pass")?.try_into()?;
+        prog.load()?;
+        let ports = self.switch_ports.clone();
+        self.switch.enter(|| -> Result<()> {
+            for port in &ports {
+                let name = std::ffi::CString::new(port.as_str())?;
+                prog.attach(name.as_c_str(), aya::programs::XdpMode::Default)
+                    .with_context(|| format!("XDP pass on switch port {port}"))?;
+            }
+            Ok(())
+        })?
+    }
+
+    fn wire_lan(&mut self) -> Result<()> {
+        self.plug(Plug::Client, "pc", CLIENT_ADDR)?;
+        self.plug(Plug::Client2, "pd", "192.0.2.101")?;
+        for vips in VIP_RANGES {
+            self.client.ip(&["route", "add", vips, "via", NODE_ADDRS[0]])?;
+            self.client2.ip(&["route", "add", vips, "via", NODE_ADDRS[0]])?;
+        }
+        for (i, addr) in NODE_ADDRS.iter().enumerate() {
+            self.plug(Plug::Node(i), "pn", addr)?;
+            let node = &self.nodes[i];
+            node.sysctl("net.ipv4.ip_forward", "1")?;
+            node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+            node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+            let other = 1 - i;
+            node.ip(&["route", "add", &format!("10.244.{}.0/24", other + 1), "via", NODE_ADDRS[other]])?;
+        }
+        self.attach_switch_floor()
+    }
+
+    /// Adds a pod (namespace, veth `lbp-*` to its node, routes) and starts
+    /// its servers. Works while the agents run: they attach to new pods.
+    pub fn add_pod(&mut self, spec: PodSpec) -> Result<()> {
+        let ns = Netns::new("p")?;
+        self.pod_seq += 1;
+        let host_if = format!("lbp-{}", self.pod_seq);
+        let node = &self.nodes[spec.node];
+        veth(node, &host_if, &ns, "eth0")?;
+        // Calico-style: a /32 per pod behind a link-local gateway whose
+        // address resolves to the host side's fixed MAC.
+        node.ip(&["link", "set", &host_if, "address", GATEWAY_MAC])?;
+        run(node.cmd("sysctl").args(["-qw", &format!("net.ipv4.conf.{host_if}.rp_filter=0")]))?;
+        node.ip(&["route", "add", &format!("{}/32", spec.addr), "dev", &host_if])?;
+        ns.ip(&["addr", "add", &format!("{}/32", spec.addr), "dev", "eth0"])?;
+        ns.ip(&["route", "add", "169.254.1.1", "dev", "eth0"])?;
+        ns.ip(&["neigh", "add", "169.254.1.1", "lladdr", GATEWAY_MAC, "dev", "eth0", "nud", "permanent"])?;
+        ns.ip(&["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
+        let server = ns
+            .cmd(helper())
+            .args(["serve", &spec.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the pod's servers")?;
+        let pod = Pod { spec, ns, server: Some(server) };
+        // Wait for the servers to listen.
+        let listening = wait_for(Duration::from_secs(5), || {
+            let out = run(pod.ns.cmd("ss").args(["-ltn"])).ok()?;
+            (out.contains(":8080") && out.contains(":7000")).then_some(())
+        });
+        if listening.is_none() {
+            bail!("servers of pod {} did not start", pod.spec.name);
+        }
+        self.pods.push(pod);
+        Ok(())
+    }
+
+    pub fn pin_dir(&self, node: usize) -> PathBuf {
+        self.bpffs.dir.join(NODE_NAMES[node])
+    }
+
+    pub fn start_agent(&self, node: usize) -> Result<Agent> {
+        let pin = self.pin_dir(node);
+        let manifests = self.manifests.to_string_lossy().into_owned();
+        let pin = pin.to_string_lossy().into_owned();
+        let args = [
+            "run",
+            "--manifests",
+            &manifests,
+            "--node-name",
+            NODE_NAMES[node],
+            "--external-interface",
+            "eth0",
+            "--pod-interfaces",
+            "lbp-*",
+            "--pin-dir",
+            &pin,
+        ];
+        Agent::start(&self.nodes[node], &args)
+    }
+
+    /// Waits until both agents have synced since they (re)started.
+    pub fn wait_synced(&self) -> Result<()> {
+        for (i, agent) in self.agents.iter().enumerate() {
+            let Some(agent) = agent else { continue };
+            if wait_for(Duration::from_secs(15), || agent.log().contains("synced").then_some(())).is_none() {
+                bail!("agent on {} did not sync:\n{}", NODE_NAMES[i], agent.log());
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes (or replaces) a manifest file in the agents' folder.
+    pub fn write_manifest(&self, name: &str, yaml: &str) -> Result<()> {
+        let tmp = self.manifests.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, self.manifests.join(name))?;
+        Ok(())
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods.iter().find(|p| p.spec.name == name).expect("pod exists")
+    }
+
+    /// `count` HTTP requests from `ns`, each on a new connection; the answer
+    /// of each (a pod name), or `error <curl exit code>`.
+    pub fn http(ns: &Netns, url: &str, count: usize) -> Result<Vec<String>> {
+        let mut out = Vec::with_capacity(count);
+        // One curl for many requests; `Connection: close` makes each a new
+        // TCP connection from a new source port.
+        let batch = 50;
+        let mut left = count;
+        while left > 0 {
+            let n = left.min(batch);
+            let urls = vec![url; n];
+            let output = ns
+                .cmd("curl")
+                .args(["-s", "-m", "3", "-H", "Connection: close", "-w", "\n"])
+                .args(&urls)
+                .output()?;
+            let text = String::from_utf8_lossy(&output.stdout);
+            let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+            if lines.len() < n || !output.status.success() {
+                let code = output.status.code().unwrap_or(-1);
+                lines.resize(n, format!("error {code}"));
+            }
+            out.extend(lines.into_iter().take(n));
+            left -= n;
+        }
+        Ok(out)
+    }
+
+    /// One HTTP request; `Err` carries curl's exit code (7: refused, 28: timeout).
+    pub fn http_once(ns: &Netns, url: &str, timeout_s: u32) -> Result<String, i32> {
+        let output =
+            ns.cmd("curl").args(["-s", "-m", &timeout_s.to_string(), url]).output().map_err(|_| -1)?;
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            Err(output.status.code().unwrap_or(-1))
+        }
+    }
+
+    pub fn udp(ns: &Netns, to: &str, count: usize) -> Result<Vec<String>> {
+        let out = run(ns.cmd(helper()).args(["udp", to, &count.to_string()]))?;
+        Ok(out.lines().map(str::to_owned).collect())
+    }
+
+    /// Starts a long-lived echo stream from `ns` to `to` for `seconds`.
+    pub fn stream(ns: &Netns, to: &str, seconds: u32) -> Result<Child> {
+        Ok(ns
+            .cmd(helper())
+            .args(["stream", to, &seconds.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?)
+    }
+
+    pub fn agent_log(&self, node: usize) -> String {
+        self.agents[node].as_ref().map(Agent::log).unwrap_or_default()
+    }
+}
+
+/// How many answers each pod gave.
+pub fn tally(answers: &[String]) -> std::collections::BTreeMap<String, usize> {
+    let mut t = std::collections::BTreeMap::new();
+    for a in answers {
+        *t.entry(a.clone()).or_insert(0) += 1;
+    }
+    t
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Agents stop first (their pins go with the bpffs mount), then the
+        // pods' servers, then the namespaces (fields drop in order).
+        self.agents.clear();
+        self.pods.clear();
+        let _ = std::fs::remove_dir_all(&self.manifests);
+    }
+}

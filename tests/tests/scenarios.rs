@@ -1,0 +1,280 @@
+//! Real traffic end to end: the namespace cluster of `lb_tests::cluster`,
+//! the real agent on each node from `examples/`, real servers in pods and
+//! real clients (curl, and `lb-netcheck` for UDP and long streams). Each
+//! scenario builds its own cluster. Needs root.
+
+use std::{
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    cluster::{Cluster, NODE_ADDRS, PodSpec, tally},
+    netns::{agent_binary, wait_for},
+};
+use serde_json::Value;
+
+fn pods() -> Vec<PodSpec> {
+    vec![
+        PodSpec::new("web-a", 0, "10.244.1.10"),
+        PodSpec::new("web-b", 0, "10.244.1.11"),
+        PodSpec::new("web-c", 1, "10.244.2.10"),
+        PodSpec::new("legacy-x", 1, "10.244.2.20"),
+        PodSpec::new("client-pod", 0, "10.244.1.50"),
+    ]
+}
+
+fn examples() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+fn cluster() -> Cluster {
+    Cluster::new(&examples(), &pods()).expect("build the namespace cluster")
+}
+
+fn pod_of(addr: &str) -> &'static str {
+    match addr {
+        "10.244.1.10" => "web-a",
+        "10.244.1.11" => "web-b",
+        "10.244.2.10" => "web-c",
+        other => panic!("unexpected backend {other}"),
+    }
+}
+
+fn inspect(c: &Cluster, node: usize, what: &str) -> Value {
+    let out = Command::new(agent_binary())
+        .args(["inspect", what, "-o", "json", "--pin-dir"])
+        .arg(c.pin_dir(node))
+        .output()
+        .expect("lb-agent inspect");
+    assert!(out.status.success(), "inspect {what}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("inspect JSON")
+}
+
+fn assert_all_from(answers: &[String], allowed: &[&str], what: &str) {
+    for a in answers {
+        assert!(allowed.contains(&a.as_str()), "{what}: unexpected answer {a:?} (all: {:?})", tally(answers));
+    }
+}
+
+#[test]
+fn s01_clusterip_from_a_pod_spreads_over_three_replicas() {
+    let c = cluster();
+    let answers = Cluster::http(&c.pod("client-pod").ns, "http://10.96.0.10/", 300).unwrap();
+    let t = tally(&answers);
+    assert_all_from(&answers, &["web-a", "web-b", "web-c"], "ClusterIP");
+    for pod in ["web-a", "web-b", "web-c"] {
+        let n = t.get(pod).copied().unwrap_or(0);
+        assert!((60..=141).contains(&n), "{pod} answered {n} of 300 (want 20%–47%): {t:?}");
+    }
+}
+
+#[test]
+fn s02_nodeport_on_both_nodes_reaches_local_and_remote_backends() {
+    let c = cluster();
+    for node in NODE_ADDRS {
+        // curl checks the replies come from the address it dialed: a reply
+        // from any other address would not match its connection.
+        let answers = Cluster::http(&c.client, &format!("http://{node}:30080/"), 40).unwrap();
+        assert_all_from(&answers, &["web-a", "web-c"], node);
+        let t = tally(&answers);
+        assert!(t.len() == 2, "via {node}: both the local and the remote backend answer: {t:?}");
+    }
+}
+
+#[test]
+fn s03_loadbalancer_ip_and_external_ip_from_outside() {
+    let c = cluster();
+    let lb = Cluster::http(&c.client, "http://198.51.100.10/", 30).unwrap();
+    assert_all_from(&lb, &["web-a", "web-c"], "LoadBalancer 198.51.100.10");
+    let ext = Cluster::http(&c.client, "http://203.0.113.10/", 30).unwrap();
+    assert_all_from(&ext, &["web-b", "web-c"], "externalIP 203.0.113.10");
+}
+
+#[test]
+fn s04_multi_port_service_with_named_target_ports() {
+    let c = cluster();
+    let pod = &c.pod("client-pod").ns;
+    let http = Cluster::http(pod, "http://10.96.0.13:80/", 20).unwrap();
+    assert_all_from(&http, &["web-a:9090", "web-c:9090"], "port http → http-web-svc (9090)");
+    let metrics = Cluster::http(pod, "http://10.96.0.13:9100/", 20).unwrap();
+    assert_all_from(&metrics, &["web-a:9091", "web-c:9091"], "port metrics → metrics-svc (9091)");
+    let np = Cluster::http(&c.client, &format!("http://{}:30083/", NODE_ADDRS[1]), 10).unwrap();
+    assert_all_from(&np, &["web-a:9091", "web-c:9091"], "NodePort 30083");
+}
+
+#[test]
+fn s05_selectorless_service_with_hand_written_endpoints() {
+    let c = cluster();
+    let answers = Cluster::http(&c.pod("client-pod").ns, "http://10.96.0.14/", 10).unwrap();
+    assert_all_from(&answers, &["legacy-x"], "selector-less service");
+}
+
+#[test]
+fn s06_udp_through_clusterip_and_nodeport() {
+    let c = cluster();
+    let answers = Cluster::udp(&c.pod("client-pod").ns, "10.96.0.15:53", 20).unwrap();
+    assert_eq!(answers.len(), 20);
+    for a in &answers {
+        assert!(a.starts_with("web-a:q") || a.starts_with("web-c:q"), "ClusterIP UDP answer {a:?}");
+    }
+    for node in NODE_ADDRS {
+        let answers = Cluster::udp(&c.client, &format!("{node}:30053"), 10).unwrap();
+        for a in &answers {
+            assert!(a.starts_with("web-a:q") || a.starts_with("web-c:q"), "NodePort UDP via {node}: {a:?}");
+        }
+    }
+}
+
+#[test]
+fn s07_no_endpoints_refuses_at_once() {
+    let c = cluster();
+    let pod = &c.pod("client-pod").ns;
+    let started = Instant::now();
+    let result = Cluster::http_once(pod, "http://10.96.0.16/", 5);
+    let elapsed = started.elapsed();
+    assert_eq!(result, Err(7), "curl reports 'connection refused' (exit 7)");
+    assert!(elapsed < Duration::from_secs(1), "refused at once, not after a timeout: {elapsed:?}");
+    assert_eq!(
+        Cluster::udp(pod, "10.96.0.16:53", 2).unwrap(),
+        vec!["refused", "refused"],
+        "UDP port unreachable"
+    );
+}
+
+/// Sets the `ready` condition of the `web` endpoint at `addr`.
+fn set_ready(c: &Cluster, addr: &str, ready: bool) {
+    let path = c.manifests.join("01-web-clusterip.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let marker = format!("  - addresses: [\"{addr}\"]\n");
+    let at = text.find(&marker).expect("endpoint in the web slice");
+    let cond = "conditions: {ready: ";
+    let start = at + text[at..].find(cond).expect("conditions") + cond.len();
+    let end = start + text[start..].find('}').unwrap();
+    let updated = format!("{}{}{}", &text[..start], ready, &text[end..]);
+    c.write_manifest("01-web-clusterip.yaml", &updated).unwrap();
+}
+
+/// The backend address of the (only) stream from the client pod.
+fn stream_backend(c: &Cluster) -> Option<String> {
+    let ct = inspect(c, 0, "conntrack");
+    ct.as_array()?.iter().find_map(|e| {
+        let tuple = e["tuple"].as_str()?;
+        (e["direction"] == "request" && tuple.contains("10.244.1.50") && tuple.ends_with("10.96.0.10:7000"))
+            .then(|| e["rewrite"].as_str()?.strip_prefix("dst→")?.split(':').next().map(String::from))?
+    })
+}
+
+#[test]
+fn s08_not_ready_endpoint_gets_no_new_connections_but_keeps_its_streams() {
+    let c = cluster();
+    let pod = &c.pod("client-pod").ns;
+    let stream = Cluster::stream(pod, "10.96.0.10:7000", 6).unwrap();
+    let addr = wait_for(Duration::from_secs(3), || stream_backend(&c)).expect("the stream is tracked");
+    let name = pod_of(&addr);
+
+    set_ready(&c, &addr, false);
+    std::thread::sleep(Duration::from_secs(1));
+    let answers = Cluster::http(pod, "http://10.96.0.10/", 60).unwrap();
+    let others: Vec<&str> = ["web-a", "web-b", "web-c"].into_iter().filter(|p| *p != name).collect();
+    assert_all_from(&answers, &others, &format!("1 s after {name} turned not ready"));
+
+    let out = stream.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the stream to {name} broke: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    set_ready(&c, &addr, true);
+    std::thread::sleep(Duration::from_secs(1));
+    let answers = Cluster::http(pod, "http://10.96.0.10/", 60).unwrap();
+    assert!(tally(&answers).contains_key(name), "{name} is back once ready: {:?}", tally(&answers));
+}
+
+#[test]
+fn s09_external_traffic_policy_local_keeps_the_client_address() {
+    let c = cluster();
+    let answer = Cluster::http_once(&c.client, &format!("http://{}:30090/whoami", NODE_ADDRS[0]), 3);
+    assert_eq!(answer.as_deref(), Ok("web-a 192.0.2.100"), "the backend sees the real client");
+    // node-2 has no local endpoint: it drops (curl times out, nothing refuses).
+    let answer = Cluster::http_once(&c.client, &format!("http://{}:30090/", NODE_ADDRS[1]), 2);
+    assert_eq!(answer, Err(28), "node-2 drops");
+    let drops = inspect(&c, 1, "stats");
+    assert!(drops["drops"]["no_local_endpoint"].as_u64().unwrap_or(0) > 0, "counted as a drop: {drops}");
+}
+
+#[test]
+fn s10_session_affinity_keeps_each_client_on_one_backend() {
+    let c = cluster();
+    let url = format!("http://{}:30091/", NODE_ADDRS[0]);
+    for client in [&c.client, &c.client2] {
+        let answers = Cluster::http(client, &url, 20).unwrap();
+        let t = tally(&answers);
+        assert_eq!(t.len(), 1, "one client, one backend: {t:?}");
+        assert_all_from(&answers, &["web-a", "web-b", "web-c"], "affinity");
+    }
+}
+
+#[test]
+fn s11_agent_restart_keeps_streams_and_new_connections_working() {
+    let mut c = cluster();
+    let pod_ns = c.pod("client-pod").ns.name.clone();
+    let stream = Cluster::stream(&c.pod("client-pod").ns, "10.96.0.10:7000", 8).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    // Stop node-1's agent (as a rolling update does), use the service
+    // while it is away, then start the new one.
+    c.agents[0].take().expect("agent").stop().unwrap();
+    let during = Cluster::http(&c.pod("client-pod").ns, "http://10.96.0.10/", 20).unwrap();
+    assert_all_from(&during, &["web-a", "web-b", "web-c"], "while the agent is stopped");
+    let agent = c.start_agent(0).unwrap();
+    c.agents[0] = Some(agent);
+    c.wait_synced().unwrap();
+    assert!(c.agent_log(0).contains("adopted the maps"), "{}", c.agent_log(0));
+    let after = Cluster::http(&c.pod("client-pod").ns, "http://10.96.0.10/", 20).unwrap();
+    assert_all_from(&after, &["web-a", "web-b", "web-c"], "after the restart");
+    let out = stream.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stream from {pod_ns} broke: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes: u64 = stdout.trim().strip_prefix("ok ").and_then(|b| b.parse().ok()).unwrap_or(0);
+    assert!(bytes > 100_000, "every byte echoed across the restart ({bytes} bytes)");
+}
+
+#[test]
+fn s12_headless_and_externalname_have_no_frontends_and_no_errors() {
+    let c = cluster();
+    let dry = Command::new(agent_binary())
+        .args(["run", "--manifests"])
+        .arg(&c.manifests)
+        .args(["--node-name", "node-1", "--external-interface", "eth0", "--node-address", NODE_ADDRS[0]])
+        .arg("--dry-run")
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&dry.stdout);
+    assert!(!dump.contains("default/db ") && !dump.contains("external-db"), "{dump}");
+    assert!(!dump.contains("note:") && !dump.contains("error:"), "{dump}");
+    let programmed = inspect(&c, 0, "services");
+    let frontends = dump.lines().filter(|l| !l.starts_with(' ')).count();
+    assert_eq!(programmed.as_array().unwrap().len(), frontends, "maps hold exactly the dry run's frontends");
+    let log = c.agent_log(0);
+    assert!(!log.contains("WARN") && !log.contains("ERROR"), "{log}");
+}
+
+#[test]
+fn s13_a_pod_interface_created_later_is_served() {
+    let mut c = cluster();
+    c.add_pod(PodSpec::new("late-client", 0, "10.244.1.60")).unwrap();
+    let late = &c.pod("late-client").ns;
+    let served = wait_for(Duration::from_secs(5), || {
+        let answers = Cluster::http(late, "http://10.96.0.10/", 3).ok()?;
+        answers.iter().all(|a| a.starts_with("web-")).then_some(answers)
+    });
+    assert!(served.is_some(), "the new pod reaches the ClusterIP; agent log:\n{}", c.agent_log(0));
+    assert!(c.agent_log(0).contains("TC attached"), "{}", c.agent_log(0));
+}
