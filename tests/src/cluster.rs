@@ -24,6 +24,17 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::netns::{Agent, Bpffs, Netns, run, unique, veth, wait_for};
 
+/// The demo's and the scenarios' pods.
+pub fn standard_pods() -> Vec<PodSpec> {
+    vec![
+        PodSpec::new("web-a", 0, "10.244.1.10"),
+        PodSpec::new("web-b", 0, "10.244.1.11"),
+        PodSpec::new("web-c", 1, "10.244.2.10"),
+        PodSpec::new("legacy-x", 1, "10.244.2.20"),
+        PodSpec::new("client-pod", 0, "10.244.1.50"),
+    ]
+}
+
 pub const CLIENT_ADDR: &str = "192.0.2.100";
 pub const NODE_ADDRS: [&str; 2] = ["192.0.2.11", "192.0.2.12"];
 pub const NODE_NAMES: [&str; 2] = ["node-1", "node-2"];
@@ -93,6 +104,7 @@ impl Cluster {
     /// reading `manifests` (copied to a folder tests may edit).
     pub fn new(manifests: &Path, pods: &[PodSpec]) -> Result<Self> {
         crate::require_root();
+        crate::netns::cleanup_on_interrupt();
         let switch = Netns::new("sw")?;
         switch.ip(&["link", "add", "name", "br0", "type", "bridge"])?;
         switch.ip(&["link", "set", "br0", "up"])?;
@@ -266,30 +278,30 @@ impl Cluster {
     }
 
     /// `count` HTTP requests from `ns`, each on a new connection; the answer
-    /// of each (a pod name), or `error <curl exit code>`.
+    /// of each (a pod name), or `error <curl exit code>` (7: refused, 28:
+    /// timed out).
     pub fn http(ns: &Netns, url: &str, count: usize) -> Result<Vec<String>> {
         let mut out = Vec::with_capacity(count);
         // One curl for many requests; `Connection: close` makes each a new
-        // TCP connection from a new source port.
-        let batch = 50;
+        // TCP connection from a new source port. Each transfer ends with
+        // `|<exit code>`.
         let mut left = count;
         while left > 0 {
-            let n = left.min(batch);
+            let n = left.min(50);
             let urls = vec![url; n];
             let output = ns
                 .cmd("curl")
-                .args(["-s", "-m", "3", "-H", "Connection: close", "-w", "\n"])
+                .args(["-s", "-m", "3", "-H", "Connection: close", "-w", "|%{exitcode}\n"])
                 .args(&urls)
                 .output()?;
             let text = String::from_utf8_lossy(&output.stdout);
-            let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
-            if lines.len() < n || !output.status.success() {
-                let code = output.status.code().unwrap_or(-1);
-                lines.resize(n, format!("error {code}"));
+            for line in text.lines().filter(|l| l.contains('|')) {
+                let (body, code) = line.rsplit_once('|').expect("filtered");
+                out.push(if code == "0" { body.to_string() } else { format!("error {code}") });
             }
-            out.extend(lines.into_iter().take(n));
             left -= n;
         }
+        anyhow::ensure!(out.len() == count, "curl reported {} of {count} transfers", out.len());
         Ok(out)
     }
 

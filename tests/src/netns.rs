@@ -6,7 +6,7 @@
 use std::{
     fs::File,
     os::fd::AsRawFd as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
@@ -16,9 +16,54 @@ use anyhow::{Context as _, Result, bail};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// The prefix of everything this process creates.
+pub fn run_prefix() -> String {
+    format!("lbt{}", std::process::id() % 100_000)
+}
+
+/// Removes whatever this run created (namespaces with their processes, and
+/// bpffs mounts): the Ctrl-C path, where destructors do not run.
+pub fn cleanup_run() {
+    let prefix = run_prefix();
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some(name) = line.split_whitespace().next() else { continue };
+            if !name.starts_with(&prefix) {
+                continue;
+            }
+            if let Ok(pids) = Command::new("ip").args(["netns", "pids", name]).output() {
+                for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = Command::new("umount").arg("-l").arg(e.path()).status();
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// On Ctrl-C (or SIGTERM), clean up and exit. Installed once per process.
+pub fn cleanup_on_interrupt() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = ctrlc::set_handler(|| {
+            eprintln!("interrupted: removing the test namespaces");
+            cleanup_run();
+            std::process::exit(130);
+        });
+    });
+}
+
 /// A per-process, per-call unique short prefix (interface names are ≤ 15 chars).
 pub fn unique(tag: &str) -> String {
-    format!("lbt{}{}{}", std::process::id() % 100_000, tag, SEQ.fetch_add(1, Ordering::Relaxed))
+    format!("{}{}{}", run_prefix(), tag, SEQ.fetch_add(1, Ordering::Relaxed))
 }
 
 pub fn run(cmd: &mut Command) -> Result<String> {
@@ -119,9 +164,12 @@ impl Drop for Bpffs {
 
 /// The `lb-agent` binary built beside the test binaries.
 pub fn agent_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/<test> → target/<profile>/lb-agent
-    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("lb-agent");
+    let exe = std::env::current_exe().expect("own binary path");
+    // Beside the demo (target/<profile>/), or one up from a test binary
+    // (target/<profile>/deps/).
+    let dir = exe.parent().expect("binary dir");
+    let beside = dir.join("lb-agent");
+    let bin = if beside.exists() { beside } else { dir.parent().expect("target dir").join("lb-agent") };
     assert!(
         bin.exists(),
         "{} is missing: build the workspace first (`cargo xtask test` does)",

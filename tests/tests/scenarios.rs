@@ -10,27 +10,17 @@ use std::{
 };
 
 use lb_tests::{
-    cluster::{Cluster, NODE_ADDRS, PodSpec, tally},
+    cluster::{Cluster, NODE_ADDRS, PodSpec, standard_pods, tally},
     netns::{agent_binary, wait_for},
 };
 use serde_json::Value;
-
-fn pods() -> Vec<PodSpec> {
-    vec![
-        PodSpec::new("web-a", 0, "10.244.1.10"),
-        PodSpec::new("web-b", 0, "10.244.1.11"),
-        PodSpec::new("web-c", 1, "10.244.2.10"),
-        PodSpec::new("legacy-x", 1, "10.244.2.20"),
-        PodSpec::new("client-pod", 0, "10.244.1.50"),
-    ]
-}
 
 fn examples() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
 
 fn cluster() -> Cluster {
-    Cluster::new(&examples(), &pods()).expect("build the namespace cluster")
+    Cluster::new(&examples(), &standard_pods()).expect("build the namespace cluster")
 }
 
 fn pod_of(addr: &str) -> &'static str {

@@ -39,6 +39,9 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
+    /// Set up, build, and run the demo: a two-node cluster in network
+    /// namespaces with real traffic to every example service (needs root).
+    Demo,
     /// Set up, check formatting and lints, and run every test (needs root).
     Test {
         /// Extra arguments passed to `cargo test` after `--`.
@@ -57,6 +60,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Test { args } => test(&args),
+        Cmd::Demo => demo(),
     }
 }
 
@@ -79,6 +83,24 @@ fn build_ebpf(release: bool) -> Result<PathBuf> {
     run(&mut cmd)?;
     let profile = if release { "release" } else { "debug" };
     Ok(root.join("target/bpfel-unknown-none").join(profile).join("lb-ebpf"))
+}
+
+fn demo() -> Result<()> {
+    setup::ensure()?;
+    if !setup::is_root() {
+        bail!("the demo builds network namespaces and loads eBPF programs: run it as root");
+    }
+    let root = workspace_root();
+    // The demo drives the agent binary and the pods' helper: build all three.
+    run(Command::new("cargo").current_dir(&root).args(["build", "--release", "--package", "lb-userspace"]))?;
+    run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--package",
+        "lb-tests",
+        "--bins",
+    ]))?;
+    run(Command::new(root.join("target/release/lb-demo")).current_dir(&root))
 }
 
 fn test(args: &[String]) -> Result<()> {
