@@ -22,6 +22,7 @@ use crate::{
     model::{ClusterState, Desired, NodeInfo, desired_state},
     reconciler::{self, NodeSettings, Reconciler},
     sources::{kubernetes::KubeSource, manifests},
+    telemetry::{HealthCheckServers, Telemetry},
 };
 
 /// Where Services and EndpointSlices come from.
@@ -51,6 +52,10 @@ pub struct Options {
     pub pin_dir: PathBuf,
     pub nat_ports: (u16, u16),
     pub capacities: Capacities,
+    /// Where the host's /proc is (a container mounts it elsewhere).
+    pub procfs: PathBuf,
+    pub metrics_address: std::net::SocketAddr,
+    pub health_address: std::net::SocketAddr,
 }
 
 /// IPv4 addresses of `interfaces`.
@@ -71,6 +76,7 @@ pub fn interface_addresses(interfaces: &[String]) -> Result<Vec<Ipv4Addr>> {
 struct Agent {
     opts: Options,
     source: Source,
+    telemetry: std::sync::Arc<Telemetry>,
     ebpf: Ebpf,
     maps: Maps,
     reconciler: Reconciler,
@@ -81,6 +87,22 @@ struct Agent {
 }
 
 pub async fn run(opts: Options) -> Result<()> {
+    let attached = opts
+        .external_interfaces
+        .iter()
+        .map(|i| attach::link_pin(&opts.pin_dir, loader::XDP_PROGRAM, i))
+        .collect();
+    let caps = &opts.capacities;
+    let capacities = [
+        ("lb_services", caps.services),
+        ("lb_backends", caps.backends),
+        ("lb_slots", caps.slots),
+        ("lb_conntrack", caps.conntrack),
+        ("lb_affinity", caps.affinity),
+    ]
+    .into();
+    let telemetry = Telemetry::new(opts.pin_dir.clone(), attached, capacities);
+    crate::telemetry::serve(telemetry.clone(), opts.metrics_address, opts.health_address).await?;
     let (source_tx, mut source_rx) = mpsc::channel::<()>(1);
     let mut _watcher = None;
     let source = match &opts.source {
@@ -96,7 +118,8 @@ pub async fn run(opts: Options) -> Result<()> {
             Source::Kubernetes(source)
         }
     };
-    let mut agent = Agent::start(opts, source)?;
+    let mut agent = Agent::start(opts, source, telemetry)?;
+    let mut health_checks = HealthCheckServers::default();
     // The programs' aya-log messages, into this process's log. The logger
     // owns the log map: it lives as long as the loop below.
     let ebpf_log = match aya_log::EbpfLogger::init(&mut agent.ebpf) {
@@ -121,7 +144,9 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     agent.attach_pods();
     // The first full sync: stale entries of an earlier run are pruned only now.
-    agent.sync();
+    if let Some(desired) = agent.sync() {
+        health_checks.update(&desired.health_checks).await;
+    }
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -130,7 +155,9 @@ pub async fn run(opts: Options) -> Result<()> {
                 // Editors write in bursts: let them finish.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 while source_rx.try_recv().is_ok() {}
-                agent.sync();
+                if let Some(desired) = agent.sync() {
+                    health_checks.update(&desired.health_checks).await;
+                }
             }
             Some(()) = links_rx.recv() => agent.attach_pods(),
             Ok(mut ready) = async { ebpf_log.as_mut().expect("guarded").readable_mut().await }, if ebpf_log.is_some() => {
@@ -146,11 +173,11 @@ pub async fn run(opts: Options) -> Result<()> {
 }
 
 impl Agent {
-    fn start(opts: Options, source: Source) -> Result<Self> {
+    fn start(opts: Options, source: Source, telemetry: std::sync::Arc<Telemetry>) -> Result<Self> {
         let mut ebpf = loader::load(&opts.pin_dir, &opts.capacities)?;
         attach::load_programs(&mut ebpf)?;
         for iface in &opts.external_interfaces {
-            attach::attach_xdp(&mut ebpf, &opts.pin_dir, iface)?;
+            attach::attach_xdp(&mut ebpf, &opts.pin_dir, &opts.procfs, iface)?;
         }
         let maps = Maps::from_ebpf(&mut ebpf)?;
         let reconciler = Reconciler::adopt(&maps).context("adopting the pinned maps")?;
@@ -190,6 +217,7 @@ impl Agent {
         Ok(Self {
             opts,
             source,
+            telemetry,
             ebpf,
             maps,
             reconciler,
@@ -200,8 +228,9 @@ impl Agent {
         })
     }
 
-    /// Reads the source and brings the maps in line with it.
-    fn sync(&mut self) {
+    /// Reads the source and brings the maps in line with it; the desired
+    /// state when that worked.
+    fn sync(&mut self) -> Option<Desired> {
         let started = Instant::now();
         let loaded = match &self.source {
             Source::Manifests(path) => manifests::load(path),
@@ -210,6 +239,7 @@ impl Agent {
         let desired = desired_state(&loaded.state, &self.node);
         self.report(&loaded, &desired);
         if let Err(e) = self.apply(&desired) {
+            self.telemetry.sync_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             error!(
                 error = format!("{e:#}"),
                 "sync failed; re-reading the maps and retrying at the next change"
@@ -218,15 +248,17 @@ impl Agent {
                 Ok(r) => self.reconciler = r,
                 Err(e) => error!(error = format!("{e:#}"), "re-reading the maps failed"),
             }
-            return;
+            return None;
         }
         let s = self.reconciler.summary();
+        self.telemetry.synced(&desired, started.elapsed(), s.frontends, s.backends);
         info!(
             frontends = s.frontends,
             backends = s.backends,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "synced"
         );
+        Some(desired)
     }
 
     fn apply(&mut self, desired: &Desired) -> Result<()> {
@@ -260,7 +292,7 @@ impl Agent {
         };
         let pods = attach::matching(&all, &self.opts.pod_interfaces);
         for ifname in pods.difference(&self.pods.clone()) {
-            match attach::attach_tc(&mut self.ebpf, &self.opts.pin_dir, ifname) {
+            match attach::attach_tc(&mut self.ebpf, &self.opts.pin_dir, &self.opts.procfs, ifname) {
                 Ok(()) => {
                     self.pods.insert(ifname.clone());
                 }

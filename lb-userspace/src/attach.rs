@@ -26,7 +26,7 @@ pub fn links_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join("links")
 }
 
-fn link_pin(pin_dir: &Path, program: &str, ifname: &str) -> PathBuf {
+pub fn link_pin(pin_dir: &Path, program: &str, ifname: &str) -> PathBuf {
     links_dir(pin_dir).join(format!("{program}@{ifname}"))
 }
 
@@ -43,14 +43,14 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
 /// addresses on `ifname`. The programs produce such packets: SNATed flows
 /// that XDP hands to the stack (next hop not yet resolved), and local
 /// backends' replies to a NodePort, rewritten at TC before routing.
-fn accept_local(ifname: &str) -> Result<()> {
-    let sysctl = format!("/proc/sys/net/ipv4/conf/{ifname}/accept_local");
-    fs::write(&sysctl, "1").with_context(|| format!("setting {sysctl}"))
+fn accept_local(procfs: &Path, ifname: &str) -> Result<()> {
+    let sysctl = procfs.join(format!("sys/net/ipv4/conf/{ifname}/accept_local"));
+    fs::write(&sysctl, "1").with_context(|| format!("setting {}", sysctl.display()))
 }
 
 /// Attaches (or re-attaches) the XDP program to `ifname`.
-pub fn attach_xdp(ebpf: &mut Ebpf, pin_dir: &Path, ifname: &str) -> Result<()> {
-    accept_local(ifname)?;
+pub fn attach_xdp(ebpf: &mut Ebpf, pin_dir: &Path, procfs: &Path, ifname: &str) -> Result<()> {
+    accept_local(procfs, ifname)?;
     let pin = link_pin(pin_dir, XDP_PROGRAM, ifname);
     let prog: &mut Xdp = ebpf.program_mut(XDP_PROGRAM).context("no XDP program")?.try_into()?;
     if let Ok(old) = PinnedLink::from_pin(&pin) {
@@ -81,8 +81,8 @@ pub fn attach_xdp(ebpf: &mut Ebpf, pin_dir: &Path, ifname: &str) -> Result<()> {
 }
 
 /// Attaches (or re-attaches) the TC program at ingress of `ifname`.
-pub fn attach_tc(ebpf: &mut Ebpf, pin_dir: &Path, ifname: &str) -> Result<()> {
-    accept_local(ifname)?;
+pub fn attach_tc(ebpf: &mut Ebpf, pin_dir: &Path, procfs: &Path, ifname: &str) -> Result<()> {
+    accept_local(procfs, ifname)?;
     let pin = link_pin(pin_dir, TC_PROGRAM, ifname);
     let prog: &mut SchedClassifier = ebpf.program_mut(TC_PROGRAM).context("no TC program")?.try_into()?;
     if let Ok(old) = PinnedLink::from_pin(&pin) {

@@ -129,7 +129,7 @@ pub fn backends(maps: &Maps) -> Result<Vec<BackendRow>> {
 }
 
 /// `CLOCK_MONOTONIC` now, the clock conntrack timestamps use.
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0)

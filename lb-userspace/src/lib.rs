@@ -12,3 +12,4 @@ pub mod maps;
 pub mod model;
 pub mod reconciler;
 pub mod sources;
+pub mod telemetry;

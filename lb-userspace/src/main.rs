@@ -34,7 +34,7 @@ enum Command {
     /// run), attaches XDP to the external interfaces and TC to pod
     /// interfaces (also those that appear later), then applies every change
     /// of the manifests within a moment. Stopping leaves traffic flowing.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the live dataplane from the pinned maps.
     Inspect {
         #[arg(value_enum)]
@@ -84,6 +84,15 @@ struct RunArgs {
     /// Conntrack capacity (entries; each flow takes two).
     #[arg(long, default_value_t = lb_common::capacity::CONNTRACK)]
     conntrack_size: u32,
+    /// Prometheus metrics (and health) on this address.
+    #[arg(long, env = "LB_METRICS_ADDRESS", default_value = "127.0.0.1:9960")]
+    metrics_address: std::net::SocketAddr,
+    /// /healthz and /readyz on this address (kubelet probes it).
+    #[arg(long, env = "LB_HEALTH_ADDRESS", default_value = "0.0.0.0:9961")]
+    health_address: std::net::SocketAddr,
+    /// The host's /proc (a DaemonSet mounts it elsewhere; /proc/sys is read-only in containers).
+    #[arg(long, env = "LB_PROCFS", default_value = "/proc")]
+    procfs: PathBuf,
     /// Print the desired state for the manifests and exit, touching nothing.
     #[arg(long)]
     dry_run: bool,
@@ -120,7 +129,7 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Run(args) => run(args, cli.pin_dir),
+        Command::Run(args) => run(*args, cli.pin_dir),
         Command::Inspect { what, output, limit } => {
             let maps = Maps::open_pinned(&cli.pin_dir)?;
             print_inspect(&maps, what, output, limit)
@@ -169,6 +178,9 @@ fn run(args: RunArgs, pin_dir: PathBuf) -> Result<()> {
         pin_dir,
         nat_ports: args.nat_ports,
         capacities: Capacities { conntrack: args.conntrack_size, ..Capacities::default() },
+        procfs: args.procfs,
+        metrics_address: args.metrics_address,
+        health_address: args.health_address,
     };
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(opts))
 }

@@ -80,9 +80,20 @@ pub struct Note {
     pub message: String,
 }
 
+/// A healthCheckNodePort to serve (LoadBalancer, externalTrafficPolicy Local).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Endpoints on this node that take new connections.
+    pub local_endpoints: usize,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub frontends: BTreeMap<FrontendKey, DesiredFrontend>,
+    /// healthCheckNodePort → what to answer there.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
     pub notes: Vec<Note>,
 }
 
@@ -279,6 +290,8 @@ fn service(name: &str, svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo
     let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
     let node_ports = matches!(svc_type, "NodePort" | "LoadBalancer");
+    let health_port = spec.health_check_node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0);
+    let mut local_ready = BTreeSet::new();
 
     for port in spec.ports.iter().flatten() {
         let port_name = port.name.clone().unwrap_or_default();
@@ -296,6 +309,7 @@ fn service(name: &str, svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo
         let eps = endpoints(slices, &port_name, proto, node);
         let cluster = usable(eps.iter());
         let local = usable(eps.iter().filter(|e| e.backend.local));
+        local_ready.extend(local.iter().map(|b| b.addr));
         let any_usable = !cluster.is_empty() || !local.is_empty();
         let all: Vec<DesiredBackend> = eps.iter().map(|e| e.backend).collect();
 
@@ -355,6 +369,26 @@ fn service(name: &str, svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo
             );
         }
     }
+    // kube-proxy serves it for LoadBalancer services with policy Local: the
+    // cloud load balancer sends traffic only to nodes answering 200.
+    if svc_type == "LoadBalancer"
+        && external_local
+        && let Some(port) = health_port
+    {
+        add_health_check(d, name, svc, port, local_ready.len());
+    }
+}
+
+fn add_health_check(d: &mut Desired, name: &str, svc: &Service, port: u16, local_endpoints: usize) {
+    if let Some(other) = d.health_checks.get(&port) {
+        let message =
+            format!("healthCheckNodePort {port} is already served for {}/{}", other.namespace, other.name);
+        d.notes.push(Note { object: name.to_string(), message });
+        return;
+    }
+    let namespace = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let service = svc.metadata.name.clone().unwrap_or_default();
+    d.health_checks.insert(port, HealthCheck { namespace, name: service, local_endpoints });
 }
 
 pub fn frontend_str(key: &FrontendKey) -> String {
@@ -400,6 +434,13 @@ impl Desired {
             for b in &fe.standby {
                 let _ = writeln!(out, "  .. {}:{} (existing flows only)", b.addr, b.port);
             }
+        }
+        for (port, hc) in &self.health_checks {
+            let _ = writeln!(
+                out,
+                "healthCheckNodePort {port} {}/{}: {} local endpoint(s)",
+                hc.namespace, hc.name, hc.local_endpoints
+            );
         }
         for n in &self.notes {
             let _ = writeln!(out, "note: {}: {}", n.object, n.message);

@@ -250,7 +250,8 @@ fn s12_headless_and_externalname_have_no_frontends_and_no_errors() {
     assert!(!dump.contains("default/db ") && !dump.contains("external-db"), "{dump}");
     assert!(!dump.contains("note:") && !dump.contains("error:"), "{dump}");
     let programmed = inspect(&c, 0, "services");
-    let frontends = dump.lines().filter(|l| !l.starts_with(' ')).count();
+    let frontends =
+        dump.lines().filter(|l| !l.starts_with(' ') && !l.starts_with("healthCheckNodePort")).count();
     assert_eq!(programmed.as_array().unwrap().len(), frontends, "maps hold exactly the dry run's frontends");
     let log = c.agent_log(0);
     assert!(!log.contains("WARN") && !log.contains("ERROR"), "{log}");
@@ -267,4 +268,74 @@ fn s13_a_pod_interface_created_later_is_served() {
     });
     assert!(served.is_some(), "the new pod reaches the ClusterIP; agent log:\n{}", c.agent_log(0));
     assert!(c.agent_log(0).contains("TC attached"), "{}", c.agent_log(0));
+}
+
+/// One sample of a Prometheus text exposition, by metric name and a label substring.
+fn sample(text: &str, name: &str, label: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn s14_metrics_move_with_traffic() {
+    let c = cluster();
+    let scrape = || {
+        let out =
+            c.nodes[0].cmd("curl").args(["-s", "-m", "2", "http://127.0.0.1:9960/metrics"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let label = "frontend=\"10.96.0.10:80/TCP\"";
+    let before = scrape();
+    assert!(before.contains("lb_build_info"), "{before}");
+    let packets_before = sample(&before, "lb_frontend_packets_total", label).unwrap_or(0.0);
+    Cluster::http(&c.pod("client-pod").ns, "http://10.96.0.10/", 20).unwrap();
+    let after = scrape();
+    let packets = sample(&after, "lb_frontend_packets_total", label).expect("per-frontend packets");
+    let conns = sample(&after, "lb_frontend_new_connections_total", label).expect("new connections");
+    assert!(
+        packets >= packets_before + 100.0,
+        "20 requests are at least 100 packets: {packets_before} → {packets}"
+    );
+    assert!(conns >= 20.0, "{conns} new connections");
+    assert!(after.contains("service=\"default/web\""), "service label: {after}");
+    assert!(sample(&after, "lb_conntrack_entries", "").unwrap_or(0.0) >= 40.0, "two entries per flow");
+    assert!(sample(&after, "lb_map_capacity", "lb_conntrack").unwrap_or(0.0) > 0.0);
+    assert_eq!(
+        sample(&after, "lb_frontends", ""),
+        Some(inspect(&c, 0, "services").as_array().unwrap().len() as f64)
+    );
+    for (path, want) in [("/healthz", "ok"), ("/readyz", "ok")] {
+        let out = c.nodes[0]
+            .cmd("curl")
+            .args(["-s", "-m", "2"])
+            .arg(format!("http://{}:9961{path}", NODE_ADDRS[0]))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want, "{path}");
+    }
+}
+
+#[test]
+fn s15_health_check_node_port_answers_like_kube_proxy() {
+    let c = cluster();
+    let get = |node: &str| {
+        let out = c
+            .client
+            .cmd("curl")
+            .args(["-s", "-m", "2", "-w", "\n%{http_code}"])
+            .arg(format!("http://{node}:32090/"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", ""));
+        (code.to_string(), serde_json::from_str::<Value>(body).unwrap_or(Value::Null))
+    };
+    let (code, body) = get(NODE_ADDRS[0]);
+    assert_eq!(code, "200", "node-1 has a local endpoint: {body}");
+    assert_eq!(body["localEndpoints"], 1);
+    assert_eq!(body["service"]["name"], "local");
+    let (code, body) = get(NODE_ADDRS[1]);
+    assert_eq!(code, "503", "node-2 has none: {body}");
+    assert_eq!(body["localEndpoints"], 0);
 }
