@@ -18,6 +18,10 @@ struct Cli {
     #[arg(long, global = true, env = "LB_LOG", default_value = "info")]
     log_level: String,
 
+    /// Log format: text, or json (one object per line, for log collectors).
+    #[arg(long, global = true, env = "LB_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+
     /// bpffs directory holding the pinned maps and program links.
     #[arg(long, global = true, env = "LB_PIN_DIR", default_value = loader::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
@@ -70,10 +74,10 @@ struct RunArgs {
     #[arg(long, env = "LB_ZONE")]
     zone: Option<String>,
     /// Interface(s) facing clients outside the cluster: XDP attaches here.
-    #[arg(long = "external-interface", required = true)]
+    #[arg(long = "external-interface", env = "LB_EXTERNAL_INTERFACES", value_delimiter = ',', required = true)]
     external_interfaces: Vec<String>,
     /// Glob(s) naming the host side of pod interfaces: TC attaches here.
-    #[arg(long = "pod-interfaces")]
+    #[arg(long = "pod-interfaces", env = "LB_POD_INTERFACES", value_delimiter = ',')]
     pod_interfaces: Vec<String>,
     /// Node address(es) for NodePort and SNAT [default: the external interfaces' IPv4 addresses].
     #[arg(long = "node-address")]
@@ -107,6 +111,12 @@ enum What {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum Output {
     Table,
     Json,
@@ -123,11 +133,12 @@ fn parse_range(s: &str) -> Result<(u16, u16), String> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log_level).context("--log-level")?)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level).context("--log-level")?;
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Json => logs.json().init(),
+    }
     match cli.command {
         Command::Run(args) => run(*args, cli.pin_dir),
         Command::Inspect { what, output, limit } => {
