@@ -36,7 +36,7 @@ pub enum SourceKind {
 }
 
 enum Source {
-    Manifests(PathBuf),
+    Manifests(manifests::Folder),
     Kubernetes(KubeSource),
 }
 
@@ -108,7 +108,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let source = match &opts.source {
         SourceKind::Manifests(path) => {
             _watcher = Some(watch_path(path, source_tx)?);
-            Source::Manifests(path.clone())
+            Source::Manifests(manifests::Folder::new(path))
         }
         SourceKind::Kubernetes { kubeconfig } => {
             let client = kube_client(kubeconfig.as_deref()).await?;
@@ -152,8 +152,9 @@ pub async fn run(opts: Options) -> Result<()> {
     loop {
         tokio::select! {
             Some(()) = source_rx.recv() => {
-                // Editors write in bursts: let them finish.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Writers touch a file in a quick burst (create, write,
+                // rename): let it settle.
+                tokio::time::sleep(Duration::from_millis(5)).await;
                 while source_rx.try_recv().is_ok() {}
                 if let Some(desired) = agent.sync() {
                     health_checks.update(&desired.health_checks).await;
@@ -232,12 +233,14 @@ impl Agent {
     /// state when that worked.
     fn sync(&mut self) -> Option<Desired> {
         let started = Instant::now();
-        let loaded = match &self.source {
-            Source::Manifests(path) => manifests::load(path),
-            Source::Kubernetes(k) => manifests::Loaded { state: k.snapshot(), errors: Vec::new() },
+        let (desired, errors) = match &mut self.source {
+            Source::Manifests(folder) => {
+                let (state, errors) = folder.refresh();
+                (desired_state(state, &self.node), errors)
+            }
+            Source::Kubernetes(k) => (desired_state(&k.snapshot(), &self.node), Vec::new()),
         };
-        let desired = desired_state(&loaded.state, &self.node);
-        self.report(&loaded, &desired);
+        self.report(&errors, &desired);
         if let Err(e) = self.apply(&desired) {
             self.telemetry.sync_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             error!(
@@ -270,8 +273,8 @@ impl Agent {
     }
 
     /// Logs manifest errors and semantic notes when they change.
-    fn report(&mut self, loaded: &manifests::Loaded, desired: &Desired) {
-        let mut lines: Vec<String> = loaded.errors.iter().map(|e| format!("manifest error: {e}")).collect();
+    fn report(&mut self, errors: &[manifests::ManifestError], desired: &Desired) {
+        let mut lines: Vec<String> = errors.iter().map(|e| format!("manifest error: {e}")).collect();
         lines.extend(desired.notes.iter().map(|n| format!("{}: {}", n.object, n.message)));
         if lines != self.reported {
             for l in &lines {

@@ -74,7 +74,12 @@ struct RunArgs {
     #[arg(long, env = "LB_ZONE")]
     zone: Option<String>,
     /// Interface(s) facing clients outside the cluster: XDP attaches here.
-    #[arg(long = "external-interface", env = "LB_EXTERNAL_INTERFACES", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "external-interface",
+        env = "LB_EXTERNAL_INTERFACES",
+        value_delimiter = ',',
+        required = true
+    )]
     external_interfaces: Vec<String>,
     /// Glob(s) naming the host side of pod interfaces: TC attaches here.
     #[arg(long = "pod-interfaces", env = "LB_POD_INTERFACES", value_delimiter = ',')]
@@ -88,6 +93,15 @@ struct RunArgs {
     /// Conntrack capacity (entries; each flow takes two).
     #[arg(long, default_value_t = lb_common::capacity::CONNTRACK)]
     conntrack_size: u32,
+    /// Capacity of lb_services (frontends).
+    #[arg(long, default_value_t = lb_common::capacity::SERVICES)]
+    max_frontends: u32,
+    /// Capacity of lb_backends (distinct pod address:port pairs).
+    #[arg(long, default_value_t = lb_common::capacity::BACKENDS)]
+    max_backends: u32,
+    /// Capacity of lb_slots (backends summed over all frontends).
+    #[arg(long, default_value_t = lb_common::capacity::SLOTS)]
+    max_slots: u32,
     /// Prometheus metrics (and health) on this address.
     #[arg(long, env = "LB_METRICS_ADDRESS", default_value = "127.0.0.1:9960")]
     metrics_address: std::net::SocketAddr,
@@ -188,7 +202,13 @@ fn run(args: RunArgs, pin_dir: PathBuf) -> Result<()> {
         node_addresses: args.node_addresses,
         pin_dir,
         nat_ports: args.nat_ports,
-        capacities: Capacities { conntrack: args.conntrack_size, ..Capacities::default() },
+        capacities: Capacities {
+            services: args.max_frontends,
+            backends: args.max_backends,
+            slots: args.max_slots,
+            conntrack: args.conntrack_size,
+            ..Capacities::default()
+        },
         procfs: args.procfs,
         metrics_address: args.metrics_address,
         health_address: args.health_address,

@@ -6,6 +6,7 @@
 //!   etherparse as the independent parser.
 
 pub mod bed;
+pub mod bench;
 pub mod cluster;
 pub mod fake_api;
 pub mod netns;

@@ -45,7 +45,8 @@ fn strict<T: DeserializeOwned + Serialize>(doc: &Value, file: &Path) -> T {
 fn load() -> (Vec<(PathBuf, Value)>, Value) {
     let mut objects = Vec::new();
     let mut kustomization = Value::Null;
-    let mut files: Vec<PathBuf> = std::fs::read_dir(deploy_dir()).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(deploy_dir()).unwrap().map(|e| e.unwrap().path()).collect();
     files.sort();
     for file in files {
         for doc in documents(&file) {
@@ -83,10 +84,8 @@ fn every_manifest_parses_into_its_kubernetes_type() {
         .iter()
         .map(|r| r.as_str().unwrap().to_string())
         .collect();
-    let present: BTreeSet<String> = objects
-        .iter()
-        .map(|(f, _)| f.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
+    let present: BTreeSet<String> =
+        objects.iter().map(|(f, _)| f.file_name().unwrap().to_string_lossy().into_owned()).collect();
     assert_eq!(listed, present, "kustomization.yaml lists every manifest");
 }
 

@@ -42,6 +42,12 @@ enum Cmd {
     /// Set up, build, and run the demo: a two-node cluster in network
     /// namespaces with real traffic to every example service (needs root).
     Demo,
+    /// Measure the dataplane and the agent and write BENCHMARKS.md (needs root).
+    Bench {
+        /// A short smoke run (the test suite runs it), written to target/bench-quick.md.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Set up, check formatting and lints, and run every test (needs root).
     Test {
         /// Extra arguments passed to `cargo test` after `--`.
@@ -61,6 +67,7 @@ fn main() -> Result<()> {
         }
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo(),
+        Cmd::Bench { quick } => bench(quick),
     }
 }
 
@@ -101,6 +108,32 @@ fn demo() -> Result<()> {
         "--bins",
     ]))?;
     run(Command::new(root.join("target/release/lb-demo")).current_dir(&root))
+}
+
+fn bench(quick: bool) -> Result<()> {
+    setup::ensure()?;
+    if !setup::is_root() {
+        bail!("the benchmarks load eBPF programs and build network namespaces: run them as root");
+    }
+    let root = workspace_root();
+    run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--package",
+        "lb-userspace",
+        "--package",
+        "lb-tests",
+        "--bins",
+    ]))?;
+    let output = if quick { "target/bench-quick.md" } else { "BENCHMARKS.md" };
+    let mut cmd = Command::new(root.join("target/release/lb-bench"));
+    cmd.current_dir(&root).args(["--output", output]);
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(&mut cmd)?;
+    println!("wrote {output}");
+    Ok(())
 }
 
 fn test(args: &[String]) -> Result<()> {

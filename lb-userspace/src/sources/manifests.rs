@@ -228,3 +228,88 @@ pub fn mirror(ep: &Endpoints) -> Vec<EndpointSlice> {
     }
     slices
 }
+
+/// A manifests folder kept in memory: only files whose size or mtime
+/// changed are parsed again, and the merged state is updated in place, so
+/// a change to one file costs that file, not the whole folder.
+#[derive(Debug, Default)]
+pub struct Folder {
+    path: PathBuf,
+    files: BTreeMap<PathBuf, FileEntry>,
+    state: ClusterState,
+}
+
+#[derive(Debug)]
+struct FileEntry {
+    stamp: (std::time::SystemTime, u64),
+    services: Vec<String>,
+    slices: Vec<String>,
+    errors: Vec<ManifestError>,
+}
+
+impl Folder {
+    pub fn new(path: &Path) -> Self {
+        Self { path: path.to_path_buf(), ..Default::default() }
+    }
+
+    /// Re-reads what changed; returns the merged state and every current error.
+    pub fn refresh(&mut self) -> (&ClusterState, Vec<ManifestError>) {
+        let mut errors = Vec::new();
+        let files = match manifest_files(&self.path) {
+            Ok(files) => files,
+            Err(e) => {
+                errors.push(ManifestError {
+                    file: self.path.clone(),
+                    object: None,
+                    reason: format!("cannot list manifests: {e}"),
+                });
+                Vec::new()
+            }
+        };
+        let gone: Vec<PathBuf> = self.files.keys().filter(|f| !files.contains(f)).cloned().collect();
+        for file in gone {
+            self.forget(&file);
+        }
+        for file in files {
+            let stamp = std::fs::metadata(&file).and_then(|m| Ok((m.modified()?, m.len())));
+            let Ok(stamp) = stamp else { continue };
+            if self.files.get(&file).is_some_and(|e| e.stamp == stamp) {
+                continue;
+            }
+            self.forget(&file);
+            let mut loaded = Loaded::default();
+            match std::fs::read_to_string(&file) {
+                Ok(text) => parse_into(&file, &text, &mut loaded),
+                Err(e) => loaded.errors.push(ManifestError {
+                    file: file.clone(),
+                    object: None,
+                    reason: format!("cannot read: {e}"),
+                }),
+            }
+            let entry = FileEntry {
+                stamp,
+                services: loaded.state.services.keys().cloned().collect(),
+                slices: loaded.state.slices.keys().cloned().collect(),
+                errors: loaded.errors,
+            };
+            self.state.services.extend(loaded.state.services);
+            self.state.slices.extend(loaded.state.slices);
+            self.files.insert(file, entry);
+        }
+        for entry in self.files.values() {
+            errors.extend(entry.errors.iter().cloned());
+        }
+        (&self.state, errors)
+    }
+
+    fn forget(&mut self, file: &Path) {
+        if let Some(old) = self.files.remove(file) {
+            for k in old.services {
+                self.state.services.remove(&k);
+            }
+            for k in old.slices {
+                self.state.slices.remove(&k);
+            }
+        }
+    }
+}

@@ -1,0 +1,482 @@
+//! Measurements for `cargo xtask bench` (see shared BENCHMARKING notes in
+//! the README): per-packet cost in live-frames mode against floor programs,
+//! the first packet of a new flow by alternating single runs, and the
+//! control plane against iptables-restore and nft.
+
+use std::{
+    collections::BTreeSet,
+    fmt::Write as _,
+    net::Ipv4Addr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf,
+    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp},
+};
+use lb_common::{Config, FrontendKey, FrontendKind, IPPROTO_TCP};
+use lb_userspace::{
+    loader::{self, Capacities, FLOOR_OBJECT, XDP_PROGRAM},
+    maps::Maps,
+    model::{Desired, DesiredBackend, DesiredFrontend},
+    reconciler::{self, NodeSettings, Reconciler},
+};
+
+use crate::{
+    netns::{Bpffs, Netns, run},
+    packet::tcp,
+};
+
+pub const NODE: [u8; 4] = [192, 0, 2, 11];
+pub const CLIENT: [u8; 4] = [192, 0, 2, 100];
+const NEXT_HOP: &str = "192.0.2.12";
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// `n` ClusterIP services (10.96.0.0/16 and up) with `per` remote backends each.
+pub fn synthetic(n: u32, per: u32) -> Desired {
+    let mut d = Desired::default();
+    for i in 0..n {
+        let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i);
+        let backends = (0..per)
+            .map(|j| {
+                let b = u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * per + j;
+                DesiredBackend { addr: Ipv4Addr::from(b), port: 8080, local: false }
+            })
+            .collect();
+        d.frontends.insert(
+            FrontendKey::new(vip.octets(), 80, IPPROTO_TCP),
+            DesiredFrontend {
+                service: format!("bench/svc-{i}"),
+                port_name: String::new(),
+                kind: FrontendKind::ClusterIp,
+                backends,
+                standby: vec![],
+                affinity_timeout: None,
+                source_ranges: vec![],
+                local_only: false,
+            },
+        );
+    }
+    d
+}
+
+/// A namespace where live frames can really be transmitted: `ext0` (the
+/// program's interface) paired with `ext1`, which runs an XDP program that
+/// drops, so XDP_TX frames are delivered (a veth needs XDP or GRO on the
+/// peer) and then cost nothing more; routes and neighbours so the FIB
+/// lookup resolves.
+pub struct Wire {
+    pub ns: Netns,
+    pub ifindex: u32,
+    _floor: Ebpf,
+}
+
+impl Wire {
+    pub fn new() -> Result<Self> {
+        let ns = Netns::new("b")?;
+        // A node forwards; the FIB helper refuses otherwise.
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        ns.ip(&["link", "add", "name", "ext0", "type", "veth", "peer", "name", "ext1"])?;
+        for (i, a) in [("ext0", "192.0.2.11/24"), ("ext1", "192.0.2.100/24")] {
+            ns.ip(&["addr", "add", a, "dev", i])?;
+            ns.ip(&["link", "set", i, "up"])?;
+        }
+        // Remote pods via a neighbour on ext0 (a permanent entry: nobody answers ARP here).
+        ns.ip(&["neigh", "add", NEXT_HOP, "lladdr", "02:00:00:00:00:12", "dev", "ext0", "nud", "permanent"])?;
+        ns.ip(&[
+            "neigh",
+            "replace",
+            "192.0.2.100",
+            "lladdr",
+            "02:00:00:00:00:64",
+            "dev",
+            "ext0",
+            "nud",
+            "permanent",
+        ])?;
+        ns.ip(&["route", "add", "10.128.0.0/10", "via", NEXT_HOP, "dev", "ext0"])?;
+        let mut floor = Ebpf::load(FLOOR_OBJECT)?;
+        let sink: &mut Xdp = floor.program_mut("floor_drop").context("floor_drop")?.try_into()?;
+        sink.load()?;
+        let ifindex = ns.enter(|| -> Result<u32> {
+            sink.attach(c"ext1", aya::programs::XdpMode::Default)?;
+            Ok(nix::net::if_::if_nametoindex("ext0")?)
+        })??;
+        Ok(Self { ns, ifindex, _floor: floor })
+    }
+}
+
+fn xdp_md(ifindex: u32, len: usize) -> [u8; 24] {
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(len as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+/// Mean ns per frame over `frames` live frames (each re-initialised).
+pub fn live(p: &Xdp, frame: &[u8], ifindex: u32, frames: u32) -> Result<f64> {
+    let ctx = xdp_md(ifindex, frame.len());
+    let r = p.test_run(TestRunOptions {
+        data_in: Some(frame),
+        ctx_in: Some(&ctx),
+        repeat: frames,
+        attrs: TestRunAttrs::new().xdp_live_frames(64),
+        ..Default::default()
+    })?;
+    Ok(r.duration.as_nanos() as f64)
+}
+
+/// One plain run: (action, ns).
+pub fn single(p: &Xdp, frame: &[u8]) -> Result<(u32, f64)> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let r =
+        p.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })?;
+    Ok((r.return_value, r.duration.as_nanos() as f64))
+}
+
+/// The load balancer with `n` services programmed, on a private bpffs.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub maps: Maps,
+    _bpffs: Bpffs,
+}
+
+pub fn load_lb(n: u32, per: u32) -> Result<(Loaded, Duration)> {
+    let bpffs = Bpffs::new()?;
+    let caps = Capacities {
+        services: (n + 1024).next_power_of_two(),
+        backends: (n * per + 1024).next_power_of_two(),
+        slots: (n * per + 1024).next_power_of_two(),
+        conntrack: 262_144,
+        affinity: 65_536,
+    };
+    let mut ebpf = loader::load(&bpffs.dir.join("lb"), &caps)?;
+    lb_userspace::attach::load_programs(&mut ebpf)?;
+    let mut maps = Maps::from_ebpf(&mut ebpf)?;
+    let settings = NodeSettings {
+        addresses: BTreeSet::from([NODE]),
+        config: Config { snat_addr: NODE, nat_port_min: 61000, nat_port_max: 65535 },
+    };
+    let desired = synthetic(n, per);
+    let started = Instant::now();
+    let ops = Reconciler::new().plan(&desired, &settings)?;
+    reconciler::apply(&mut maps, &ops)?;
+    Ok((Loaded { ebpf, maps, _bpffs: bpffs }, started.elapsed()))
+}
+
+pub struct PacketCosts {
+    pub services: u32,
+    pub not_service: f64,
+    pub established: f64,
+    pub reply: f64,
+    pub floor_tx: f64,
+    pub floor_pass: f64,
+    pub established_action: u32,
+}
+
+/// Live-frames medians for one service count, floors measured alongside.
+pub fn packet_costs(wire: &Wire, floor: &Ebpf, n: u32, frames: u32, rounds: usize) -> Result<PacketCosts> {
+    let (lb, _) = load_lb(n, 10)?;
+    let p: &Xdp = lb.ebpf.program(XDP_PROGRAM).context("lb_xdp")?.try_into()?;
+    let tx: &Xdp = floor.program("floor_tx").context("floor_tx")?.try_into()?;
+    let pass: &Xdp = floor.program("floor_pass").context("floor_pass")?.try_into()?;
+    // A service in the middle of the table; open its flow once.
+    let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + n / 2).octets();
+    let syn = tcp((CLIENT, 40000), (vip, 80), "S", b"");
+    let est = tcp((CLIENT, 40000), (vip, 80), "A", b"");
+    let other = tcp((CLIENT, 40000), ([192, 0, 2, 50], 80), "A", b"");
+    let (est_action, reply) = wire.ns.enter(|| -> Result<(u32, Vec<u8>)> {
+        let (action, _) = single(p, &syn)?;
+        let _ = action;
+        let mut out = vec![0u8; syn.len() + 64];
+        let r = p.test_run(TestRunOptions {
+            data_in: Some(&est),
+            data_out: Some(&mut out),
+            ctx_in: Some(&xdp_md(wire.ifindex, est.len())),
+            ..Default::default()
+        })?;
+        out.truncate(r.data_size_out as usize);
+        let seen = crate::packet::parse_checked(&out);
+        Ok((r.return_value, tcp(seen.dst, seen.src, "A", b"")))
+    })??;
+    let (mut a, mut b, mut c, mut d, mut e) = (vec![], vec![], vec![], vec![], vec![]);
+    wire.ns.enter(|| -> Result<()> {
+        for _ in 0..rounds {
+            a.push(live(p, &other, wire.ifindex, frames)?);
+            b.push(live(p, &est, wire.ifindex, frames)?);
+            c.push(live(p, &reply, wire.ifindex, frames)?);
+            d.push(live(tx, &est, wire.ifindex, frames)?);
+            e.push(live(pass, &est, wire.ifindex, frames)?);
+        }
+        Ok(())
+    })??;
+    Ok(PacketCosts {
+        services: n,
+        not_service: median(a),
+        established: median(b),
+        reply: median(c),
+        floor_tx: median(d),
+        floor_pass: median(e),
+        established_action: est_action,
+    })
+}
+
+/// First packet of a new flow: alternating single runs of a SYN from a new
+/// source port and of the parse-and-TX floor; difference of medians.
+pub fn new_flow_cost(floor: &Ebpf, n: u32, samples: u32) -> Result<(f64, f64)> {
+    let (lb, _) = load_lb(n, 10)?;
+    let p: &Xdp = lb.ebpf.program(XDP_PROGRAM).context("lb_xdp")?.try_into()?;
+    let tx: &Xdp = floor.program("floor_tx").context("floor_tx")?.try_into()?;
+    let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + n / 2).octets();
+    let (mut syn, mut base) = (Vec::new(), Vec::new());
+    for i in 0..samples {
+        let sport = 1024 + (i % 60_000) as u16;
+        let client = [192, 0, 2, 100 + (i / 60_000) as u8];
+        syn.push(single(p, &tcp((client, sport), (vip, 80), "S", b""))?.1);
+        base.push(single(tx, &tcp((client, sport), (vip, 80), "S", b""))?.1);
+    }
+    Ok((median(syn), median(base)))
+}
+
+/// kube-proxy-style iptables rules for `n` services × `per` endpoints, as
+/// its iptables mode writes them (KUBE-SERVICES → KUBE-SVC-* → KUBE-SEP-*).
+pub fn iptables_rules(n: u32, per: u32) -> String {
+    let mut chains = String::new();
+    let mut rules = String::new();
+    writeln!(chains, "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]").ok();
+    writeln!(rules, "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000").ok();
+    writeln!(rules, "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN").ok();
+    writeln!(rules, "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000").ok();
+    writeln!(rules, "-A KUBE-POSTROUTING -j MASQUERADE --random-fully").ok();
+    for i in 0..n {
+        let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i);
+        let svc = format!("KUBE-SVC-{i:016X}");
+        writeln!(chains, ":{svc} - [0:0]").ok();
+        writeln!(rules, "-A KUBE-SERVICES -d {vip}/32 -p tcp -m comment --comment \"bench/svc-{i} cluster IP\" -m tcp --dport 80 -j {svc}").ok();
+        writeln!(rules, "-A {svc} ! -s 10.244.0.0/16 -d {vip}/32 -p tcp -m tcp --dport 80 -j KUBE-MARK-MASQ")
+            .ok();
+        for j in 0..per {
+            let sep = format!("KUBE-SEP-{i:010X}{j:06X}");
+            let ep = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * per + j);
+            writeln!(chains, ":{sep} - [0:0]").ok();
+            let left = per - j;
+            if left > 1 {
+                writeln!(rules, "-A {svc} -m comment --comment \"bench/svc-{i} -> {ep}:8080\" -m statistic --mode random --probability {:.11} -j {sep}", 1.0 / left as f64).ok();
+            } else {
+                writeln!(rules, "-A {svc} -m comment --comment \"bench/svc-{i} -> {ep}:8080\" -j {sep}").ok();
+            }
+            writeln!(rules, "-A {sep} -s {ep}/32 -m comment --comment bench/svc-{i} -j KUBE-MARK-MASQ").ok();
+            writeln!(
+                rules,
+                "-A {sep} -p tcp -m comment --comment bench/svc-{i} -m tcp -j DNAT --to-destination {ep}:8080"
+            )
+            .ok();
+        }
+    }
+    writeln!(rules, "-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS").ok();
+    chains.push_str(":KUBE-NODEPORTS - [0:0]\n");
+    format!("{chains}{rules}COMMIT\n")
+}
+
+/// kube-proxy-style nftables ruleset (its nftables mode): a `kube-proxy`
+/// table, a service-ips verdict map, endpoint chains chosen with numgen.
+pub fn nft_rules(n: u32, per: u32) -> String {
+    let mut out = String::from("table ip kube-proxy {\n");
+    out.push_str(
+        "  map service-ips { type ipv4_addr . inet_proto . inet_service : verdict\n    elements = { ",
+    );
+    let mut first = true;
+    for i in 0..n {
+        let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i);
+        if !first {
+            out.push_str(", ");
+        }
+        first = false;
+        write!(out, "{vip} . tcp . 80 : goto service-{i}").ok();
+    }
+    out.push_str(" }\n  }\n");
+    for i in 0..n {
+        write!(out, "  chain service-{i} {{\n    numgen random mod {per} vmap {{ ").ok();
+        for j in 0..per {
+            write!(out, "{}{j} : goto endpoint-{i}-{j}", if j > 0 { ", " } else { "" }).ok();
+        }
+        out.push_str(" }\n  }\n");
+        for j in 0..per {
+            let ep = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * per + j);
+            writeln!(out, "  chain endpoint-{i}-{j} {{\n    ip saddr {ep} jump mark-for-masquerade\n    meta l4proto tcp dnat to {ep}:8080\n  }}").ok();
+        }
+    }
+    out.push_str("  chain mark-for-masquerade {\n    mark set mark or 0x4000\n  }\n");
+    out.push_str("  chain services {\n    ip daddr . meta l4proto . th dport vmap @service-ips\n  }\n");
+    out.push_str("  chain nat-prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    jump services\n  }\n");
+    out.push_str("}\n");
+    out
+}
+
+/// Seconds to load `input` with `cmd args` inside `ns`.
+pub fn timed_load(ns: &Netns, program: &str, args: &[&str], input: &str, dir: &Path) -> Result<f64> {
+    let file = dir.join(format!("{program}.rules"));
+    std::fs::write(&file, input)?;
+    let started = Instant::now();
+    let out = ns.cmd(program).args(args).arg(&file).output()?;
+    let elapsed = started.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!("{program} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(elapsed)
+}
+
+pub fn flush(ns: &Netns) -> Result<()> {
+    run(ns.cmd("iptables").args(["-t", "nat", "-F"]))?;
+    run(ns.cmd("iptables").args(["-t", "nat", "-X"]))?;
+    let _ = ns.cmd("nft").args(["delete", "table", "ip", "kube-proxy"]).output();
+    Ok(())
+}
+
+/// Manifests for `n` services × `per` endpoints in files of 100 services.
+pub fn write_manifests(dir: &Path, n: u32, per: u32) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for file in 0..n.div_ceil(100) {
+        let mut text = String::new();
+        for i in file * 100..((file + 1) * 100).min(n) {
+            text.push_str(&service_yaml(i, &endpoints_of(i, per)));
+        }
+        std::fs::write(dir.join(format!("svc-{file:04}.yaml")), text)?;
+    }
+    Ok(())
+}
+
+pub fn endpoints_of(i: u32, per: u32) -> Vec<Ipv4Addr> {
+    (0..per).map(|j| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * per + j)).collect()
+}
+
+pub fn service_yaml(i: u32, endpoints: &[Ipv4Addr]) -> String {
+    let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i);
+    let eps: String = endpoints.iter().map(|e| format!("  - addresses: [\"{e}\"]\n")).collect();
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\nspec:\n  clusterIP: {vip}\n  \
+         ports: [{{port: 80, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: svc-{i}-1, namespace: bench, labels: {{kubernetes.io/service-name: svc-{i}}}}}\n\
+         addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{eps}"
+    )
+}
+
+pub struct ControlPlane {
+    pub services: u32,
+    pub startup: Duration,
+    pub change_p50: Duration,
+    pub change_p99: Duration,
+    pub changes: usize,
+    pub peak_rss_kib: u64,
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// The real agent from `n` × 10 manifests: time to all programmed, then
+/// `changes` endpoint replacements timed from the file write to the map.
+pub fn control_plane(wire: &Wire, n: u32, changes: usize) -> Result<ControlPlane> {
+    let per = 10;
+    let bpffs = Bpffs::new()?;
+    let pin = bpffs.dir.join("lb");
+    let dir = std::env::temp_dir().join(crate::netns::unique("cp"));
+    write_manifests(&dir, n, per)?;
+    // The service whose endpoints change lives in its own file.
+    let probe = n - 1;
+    std::fs::remove_file(dir.join(format!("svc-{:04}.yaml", probe / 100))).ok();
+    let mut rest = String::new();
+    for i in (probe / 100) * 100..probe {
+        rest.push_str(&service_yaml(i, &endpoints_of(i, per)));
+    }
+    std::fs::write(dir.join(format!("svc-{:04}.yaml", probe / 100)), rest)?;
+    let mut eps = endpoints_of(probe, per);
+    std::fs::write(dir.join("probe.yaml"), service_yaml(probe, &eps))?;
+
+    let started = Instant::now();
+    let args: Vec<String> = [
+        "run",
+        "--manifests",
+        &dir.to_string_lossy(),
+        "--node-name",
+        "bench",
+        "--external-interface",
+        "ext0",
+        "--pin-dir",
+        &pin.to_string_lossy(),
+        "--max-frontends",
+        &(n + 1024).next_power_of_two().to_string(),
+        "--max-backends",
+        &(n * per + 1024).next_power_of_two().to_string(),
+        "--max-slots",
+        &(n * per + 1024).next_power_of_two().to_string(),
+        "--metrics-address",
+        "127.0.0.1:0",
+        "--health-address",
+        "127.0.0.1:0",
+    ]
+    .map(String::from)
+    .to_vec();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = crate::netns::Agent::start(&wire.ns, &args)?;
+    let want = format!("synced frontends={n} ");
+    let synced =
+        crate::netns::wait_for(Duration::from_secs(300), || agent.log().contains(&want).then_some(()));
+    if synced.is_none() {
+        bail!("agent did not program {n} services:\n{}", agent.log());
+    }
+    let startup = started.elapsed();
+
+    let maps = Maps::open_pinned(&pin)?;
+    let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + probe).octets();
+    let slot0 = |maps: &Maps| -> Option<[u8; 4]> {
+        let fe = maps.services.get(&FrontendKey::new(vip, 80, IPPROTO_TCP), 0).ok()?;
+        let id = maps.slots.get(&lb_common::SlotKey { frontend_id: fe.id, slot: 0 }, 0).ok()?;
+        Some(maps.backends.get(&id, 0).ok()?.addr)
+    };
+    let mut latencies = Vec::new();
+    for k in 0..changes {
+        let current = slot0(&maps).context("probe service programmed")?;
+        let fresh = Ipv4Addr::new(10, 200, (k / 250) as u8, (k % 250) as u8 + 1);
+        let at = eps.iter().position(|e| e.octets() == current).context("slot 0 endpoint")?;
+        eps[at] = fresh;
+        let tmp = dir.join(".probe.tmp");
+        std::fs::write(&tmp, service_yaml(probe, &eps))?;
+        let t0 = Instant::now();
+        std::fs::rename(&tmp, dir.join("probe.yaml"))?;
+        loop {
+            if slot0(&maps) == Some(fresh.octets()) {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("endpoint change {k} not applied in 30 s");
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        latencies.push(t0.elapsed());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let peak = status_kib(agent.child.id(), "VmHWM:");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    Ok(ControlPlane {
+        services: n,
+        startup,
+        change_p50: pct(0.5),
+        change_p99: pct(0.99),
+        changes,
+        peak_rss_kib: peak,
+    })
+}

@@ -1,0 +1,23 @@
+//! The benchmark in its short mode, so its code cannot rot: it must run to
+//! the end and write every table with figures. Needs root. (The figures
+//! themselves are no assertion: see BENCHMARKS.md and `cargo xtask bench`.)
+
+use std::process::Command;
+
+#[test]
+fn bench_quick_mode_writes_every_table() {
+    lb_tests::require_root();
+    let bench = lb_tests::netns::agent_binary().with_file_name("lb-bench");
+    let out = std::env::temp_dir().join(format!("{}.md", lb_tests::netns::unique("bench")));
+    let status =
+        Command::new(&bench).args(["--quick", "--output"]).arg(&out).status().expect("lb-bench runs");
+    assert!(status.success(), "lb-bench --quick failed");
+    let md = std::fs::read_to_string(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    for heading in ["## 1. Per-packet cost", "### First packet of a new flow", "## 4. Control plane"] {
+        assert!(md.contains(heading), "missing {heading}:\n{md}");
+    }
+    // Data rows: service counts with figures.
+    assert!(md.lines().any(|l| l.starts_with("| 1000 | ") && l.matches('|').count() >= 8), "{md}");
+    assert!(md.contains("iptables-restore") && md.contains(" s |"), "{md}");
+}
