@@ -51,64 +51,62 @@ fn accept_local(procfs: &Path, ifname: &str) -> Result<()> {
 /// Attaches (or re-attaches) the XDP program to `ifname`.
 pub fn attach_xdp(ebpf: &mut Ebpf, pin_dir: &Path, procfs: &Path, ifname: &str) -> Result<()> {
     accept_local(procfs, ifname)?;
-    let pin = link_pin(pin_dir, XDP_PROGRAM, ifname);
     let prog: &mut Xdp = ebpf.program_mut(XDP_PROGRAM).context("no XDP program")?.try_into()?;
-    if let Ok(old) = PinnedLink::from_pin(&pin) {
-        match FdLink::from(old)
-            .try_into()
-            .map_err(anyhow::Error::from)
-            .and_then(|l| Ok(prog.attach_to_link(l)?))
-        {
-            Ok(_) => {
-                debug!(interface = ifname, "XDP program replaced in the pinned link");
-                return Ok(());
-            }
-            Err(e) => {
-                warn!(interface = ifname, error = %e, "pinned XDP link is stale: attaching anew");
-                let _ = fs::remove_file(&pin);
-            }
-        }
-    }
-    let name = std::ffi::CString::new(ifname)?;
-    let id = prog
-        .attach(name.as_c_str(), XdpMode::Default)
-        .with_context(|| format!("attaching XDP to {ifname}"))?;
-    let link: FdLink = prog.take_link(id)?.try_into()?;
-    fs::create_dir_all(links_dir(pin_dir))?;
-    link.pin(&pin).with_context(|| format!("pinning the XDP link of {ifname}"))?;
-    info!(interface = ifname, "XDP attached");
-    Ok(())
+    pinned_link(
+        prog,
+        &link_pin(pin_dir, XDP_PROGRAM, ifname),
+        ifname,
+        |prog, old| Ok(prog.attach_to_link(old.try_into()?).map(drop)?),
+        |prog, name| {
+            let id = prog.attach(name, XdpMode::Default)?;
+            Ok(prog.take_link(id)?.try_into()?)
+        },
+    )
 }
 
 /// Attaches (or re-attaches) the TC program at ingress of `ifname`.
 pub fn attach_tc(ebpf: &mut Ebpf, pin_dir: &Path, procfs: &Path, ifname: &str) -> Result<()> {
     accept_local(procfs, ifname)?;
-    let pin = link_pin(pin_dir, TC_PROGRAM, ifname);
     let prog: &mut SchedClassifier = ebpf.program_mut(TC_PROGRAM).context("no TC program")?.try_into()?;
-    if let Ok(old) = PinnedLink::from_pin(&pin) {
-        match FdLink::from(old)
-            .try_into()
-            .map_err(anyhow::Error::from)
-            .and_then(|l| Ok(prog.attach_to_link(l)?))
-        {
-            Ok(_) => {
-                debug!(interface = ifname, "TC program replaced in the pinned link");
+    pinned_link(
+        prog,
+        &link_pin(pin_dir, TC_PROGRAM, ifname),
+        ifname,
+        |prog, old| Ok(prog.attach_to_link(old.try_into()?).map(drop)?),
+        |prog, name| {
+            let id = prog.attach(name, TcAttachType::Ingress)?;
+            Ok(prog.take_link(id)?.try_into()?)
+        },
+    )
+}
+
+/// Swaps the program into the link pinned at `pin` (an earlier run's), or
+/// attaches anew and pins the link.
+fn pinned_link<P>(
+    prog: &mut P,
+    pin: &Path,
+    ifname: &str,
+    replace: impl FnOnce(&mut P, FdLink) -> Result<()>,
+    attach: impl FnOnce(&mut P, &std::ffi::CStr) -> Result<FdLink>,
+) -> Result<()> {
+    let name = pin.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if let Ok(old) = PinnedLink::from_pin(pin) {
+        match replace(prog, FdLink::from(old)) {
+            Ok(()) => {
+                debug!(link = %name, "program replaced in the pinned link");
                 return Ok(());
             }
             Err(e) => {
-                warn!(interface = ifname, error = %e, "pinned TC link is stale: attaching anew");
-                let _ = fs::remove_file(&pin);
+                warn!(link = %name, error = %e, "pinned link is stale: attaching anew");
+                let _ = fs::remove_file(pin);
             }
         }
     }
-    let name = std::ffi::CString::new(ifname)?;
-    let id = prog
-        .attach(name.as_c_str(), TcAttachType::Ingress)
-        .with_context(|| format!("attaching TC to {ifname}"))?;
-    let link: FdLink = prog.take_link(id)?.try_into()?;
-    fs::create_dir_all(links_dir(pin_dir))?;
-    link.pin(&pin).with_context(|| format!("pinning the TC link of {ifname}"))?;
-    info!(interface = ifname, "TC attached");
+    let cname = std::ffi::CString::new(ifname)?;
+    let link = attach(prog, cname.as_c_str()).with_context(|| format!("attaching {name}"))?;
+    fs::create_dir_all(pin.parent().expect("links dir"))?;
+    link.pin(pin).with_context(|| format!("pinning {}", pin.display()))?;
+    info!(link = %name, "attached");
     Ok(())
 }
 

@@ -267,7 +267,7 @@ fn s13_a_pod_interface_created_later_is_served() {
         answers.iter().all(|a| a.starts_with("web-")).then_some(answers)
     });
     assert!(served.is_some(), "the new pod reaches the ClusterIP; agent log:\n{}", c.agent_log(0));
-    assert!(c.agent_log(0).contains("TC attached"), "{}", c.agent_log(0));
+    assert!(c.agent_log(0).contains("lb_tc_pod@lbp-"), "the TC link of the new pod: {}", c.agent_log(0));
 }
 
 /// One sample of a Prometheus text exposition, by metric name and a label substring.

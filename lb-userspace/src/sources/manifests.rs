@@ -68,29 +68,11 @@ pub fn manifest_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Reads every manifest under `path`.
+/// Reads every manifest under `path` once.
 pub fn load(path: &Path) -> Loaded {
-    let mut loaded = Loaded::default();
-    match manifest_files(path) {
-        Ok(files) => {
-            for file in files {
-                match std::fs::read_to_string(&file) {
-                    Ok(text) => parse_into(&file, &text, &mut loaded),
-                    Err(e) => loaded.errors.push(ManifestError {
-                        file: file.clone(),
-                        object: None,
-                        reason: format!("cannot read: {e}"),
-                    }),
-                }
-            }
-        }
-        Err(e) => loaded.errors.push(ManifestError {
-            file: path.to_path_buf(),
-            object: None,
-            reason: format!("cannot list manifests: {e}"),
-        }),
-    }
-    loaded
+    let mut folder = Folder::new(path);
+    let (state, errors) = folder.refresh();
+    Loaded { state: state.clone(), errors }
 }
 
 /// Parses one file's documents into `loaded`.
