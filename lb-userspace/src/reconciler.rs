@@ -63,6 +63,9 @@ struct ProgrammedFrontend {
     slots: Vec<u32>,
     members: BTreeSet<u32>,
     ranges: BTreeSet<Ipv4Net>,
+    /// What was last applied (none after adoption): an equal desired
+    /// frontend needs no work at all.
+    desired: Option<DesiredFrontend>,
 }
 
 /// The reconciler's record of what the maps hold.
@@ -70,6 +73,11 @@ struct ProgrammedFrontend {
 pub struct Reconciler {
     frontends: BTreeMap<FrontendKey, ProgrammedFrontend>,
     backends: HashMap<BackendKey, (u32, Backend)>,
+    /// How many frontends name each backend (usable or standby).
+    refs: HashMap<BackendKey, u32>,
+    /// Backends whose count may have dropped to zero (all of them after
+    /// adoption): deleted at the end of the plan if nothing names them.
+    maybe_stale: BTreeSet<BackendKey>,
     node_addrs: BTreeSet<[u8; 4]>,
     config: Option<Config>,
     next_backend_id: u32,
@@ -117,16 +125,22 @@ impl Reconciler {
             ops.push(Op::PutNodeAddr(*addr));
         }
 
-        // Backends first: every endpoint any frontend names, usable or standby.
-        let mut wanted_backends: HashMap<BackendKey, Backend> = HashMap::new();
-        for (key, fe) in &desired.frontends {
+        // Only frontends that differ from what was last applied need work,
+        // so one endpoint change costs that frontend, not the whole table.
+        let changed: Vec<(&FrontendKey, &DesiredFrontend)> = desired
+            .frontends
+            .iter()
+            .filter(|(k, fe)| self.frontends.get(k).and_then(|p| p.desired.as_ref()) != Some(fe))
+            .collect();
+
+        // Backends first: every endpoint the changed frontends name.
+        let mut named: BTreeMap<BackendKey, Backend> = BTreeMap::new();
+        for (key, fe) in &changed {
             for b in fe.backends.iter().chain(&fe.standby) {
-                wanted_backends.insert(backend_key(b, key.proto), backend_value(b, key.proto));
+                named.insert(backend_key(b, key.proto), backend_value(b, key.proto));
             }
         }
-        let mut new_backends: Vec<_> = wanted_backends.iter().collect();
-        new_backends.sort_by_key(|(k, _)| **k);
-        for (bk, value) in new_backends {
+        for (bk, value) in &named {
             match self.backends.get_mut(bk) {
                 Some((_, current)) if current == value => {}
                 Some((id, current)) => {
@@ -142,7 +156,15 @@ impl Reconciler {
             }
         }
 
-        for (key, fe) in &desired.frontends {
+        for (key, fe) in changed {
+            let old = self.frontends.get(key).and_then(|p| p.desired.as_ref()).map(|d| refs_of(d, key.proto));
+            let new = refs_of(fe, key.proto);
+            for k in new.difference(old.as_ref().unwrap_or(&BTreeSet::new())) {
+                *self.refs.entry(*k).or_default() += 1;
+            }
+            for k in old.iter().flat_map(|o| o.difference(&new)) {
+                self.unref(*k);
+            }
             self.plan_frontend(*key, fe, &mut ops)?;
         }
 
@@ -151,6 +173,9 @@ impl Reconciler {
             self.frontends.keys().filter(|k| !desired.frontends.contains_key(k)).copied().collect();
         for key in gone {
             let fe = self.frontends.remove(&key).expect("listed above");
+            for k in fe.desired.iter().flat_map(|d| refs_of(d, key.proto)) {
+                self.unref(k);
+            }
             let id = fe.value.id;
             ops.push(Op::DelFrontend(key));
             for slot in 0..fe.slots.len() as u32 {
@@ -164,21 +189,27 @@ impl Reconciler {
             }
             self.free_frontend_ids.insert(id);
         }
-        let mut stale: Vec<(BackendKey, u32)> = self
-            .backends
-            .iter()
-            .filter(|(k, _)| !wanted_backends.contains_key(k))
-            .map(|(k, (id, _))| (*k, *id))
-            .collect();
-        stale.sort();
-        for (bk, id) in stale {
-            ops.push(Op::DelBackend(id));
-            self.backends.remove(&bk);
+        for bk in std::mem::take(&mut self.maybe_stale) {
+            if self.refs.get(&bk).copied().unwrap_or(0) == 0 {
+                self.refs.remove(&bk);
+                if let Some((id, _)) = self.backends.remove(&bk) {
+                    ops.push(Op::DelBackend(id));
+                }
+            }
         }
         let old_addrs: Vec<[u8; 4]> = self.node_addrs.difference(&node.addresses).copied().collect();
         ops.extend(old_addrs.into_iter().map(Op::DelNodeAddr));
         self.node_addrs = node.addresses.clone();
         Ok(ops)
+    }
+
+    fn unref(&mut self, bk: BackendKey) {
+        if let Some(n) = self.refs.get_mut(&bk) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.maybe_stale.insert(bk);
+            }
+        }
     }
 
     fn plan_frontend(&mut self, key: FrontendKey, fe: &DesiredFrontend, ops: &mut Vec<Op>) -> Result<()> {
@@ -256,6 +287,7 @@ impl Reconciler {
         current.slots = slots;
         current.members = want_members;
         current.ranges = want_ranges;
+        current.desired = Some(fe.clone());
         self.frontends.insert(key, current);
         Ok(())
     }
@@ -266,6 +298,8 @@ impl Reconciler {
         for entry in maps.backends.iter() {
             let (id, b) = entry.context("reading lb_backends")?;
             r.backends.insert((b.addr, b.port, b.proto), (id, b));
+            // Nothing names it yet: the first plan keeps it only if something does.
+            r.maybe_stale.insert((b.addr, b.port, b.proto));
             r.next_backend_id = r.next_backend_id.max(id.wrapping_add(1).max(1));
         }
         let mut members: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
@@ -299,6 +333,7 @@ impl Reconciler {
                 slots,
                 members: members.remove(&value.id).unwrap_or_default(),
                 ranges: ranges.remove(&value.id).unwrap_or_default(),
+                desired: None,
             };
             r.frontends.insert(key, fe);
         }
@@ -314,6 +349,11 @@ impl Reconciler {
 
 fn backend_key(b: &DesiredBackend, proto: u8) -> BackendKey {
     (b.addr.octets(), b.port, proto)
+}
+
+/// The backends a frontend names, usable or standby.
+fn refs_of(fe: &DesiredFrontend, proto: u8) -> BTreeSet<BackendKey> {
+    fe.backends.iter().chain(&fe.standby).map(|b| backend_key(b, proto)).collect()
 }
 
 fn backend_value(b: &DesiredBackend, proto: u8) -> Backend {
@@ -484,6 +524,27 @@ mod tests {
         assert_eq!(r.summary(), Summary::default());
         let ops = r.plan(&desired(&[3]), &node()).unwrap();
         assert!(ops.contains(&Op::ResetStats(fe.id)), "the freed id is reused with fresh counters");
+    }
+
+    #[test]
+    fn a_shared_backend_stays_while_any_frontend_names_it() {
+        let mut r = Reconciler::new();
+        let mut both = desired(&[1, 2]);
+        let mut second = both.frontends.values().next().unwrap().clone();
+        second.service = "default/other".into();
+        both.frontends.insert(FrontendKey::new([10, 96, 0, 11], 80, IPPROTO_TCP), second.clone());
+        r.plan(&both, &node()).unwrap();
+        assert_eq!(r.summary(), Summary { frontends: 2, backends: 2 });
+        // The first frontend drops backend 2; the second still names it.
+        let mut d = both.clone();
+        d.frontends.get_mut(&FrontendKey::new([10, 96, 0, 10], 80, IPPROTO_TCP)).unwrap().backends.pop();
+        let ops = r.plan(&d, &node()).unwrap();
+        assert!(!ops.iter().any(|o| matches!(o, Op::DelBackend(_))), "{ops:#?}");
+        // Now the second drops it too.
+        d.frontends.get_mut(&FrontendKey::new([10, 96, 0, 11], 80, IPPROTO_TCP)).unwrap().backends.pop();
+        let ops = r.plan(&d, &node()).unwrap();
+        assert_eq!(ops.iter().filter(|o| matches!(o, Op::DelBackend(_))).count(), 1, "{ops:#?}");
+        assert_eq!(r.summary().backends, 1);
     }
 
     #[test]

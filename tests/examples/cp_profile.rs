@@ -1,0 +1,50 @@
+//! Where an endpoint change's time goes at 10k services (release build).
+use std::{collections::BTreeSet, time::Instant};
+
+use lb_common::Config;
+use lb_tests::bench::{endpoints_of, service_yaml, write_manifests};
+use lb_userspace::{
+    model::{NodeInfo, desired_state},
+    reconciler::{NodeSettings, Reconciler},
+    sources::manifests::Folder,
+};
+
+fn main() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join("cp-profile");
+    let _ = std::fs::remove_dir_all(&dir);
+    write_manifests(&dir, 10_000, 10)?;
+    let node = NodeInfo { name: "bench".into(), zone: None, addresses: vec![[192, 0, 2, 11].into()] };
+    let settings = NodeSettings {
+        addresses: BTreeSet::from([[192, 0, 2, 11]]),
+        config: Config { snat_addr: [192, 0, 2, 11], nat_port_min: 61000, nat_port_max: 65535 },
+    };
+    let mut folder = Folder::new(&dir);
+    let t = Instant::now();
+    let (state, _) = folder.refresh();
+    println!("first refresh {:?}", t.elapsed());
+    let t = Instant::now();
+    let desired = desired_state(state, &node);
+    println!("desired_state {:?}", t.elapsed());
+    let mut r = Reconciler::new();
+    let t = Instant::now();
+    let ops = r.plan(&desired, &settings)?;
+    println!("first plan {:?} ({} ops)", t.elapsed(), ops.len());
+    let mut eps = endpoints_of(9999, 10);
+    eps[0] = [10, 200, 0, 1].into();
+    let mut text: String = (9900..9999).map(|i| service_yaml(i, &endpoints_of(i, 10))).collect();
+    text.push_str(&service_yaml(9999, &eps));
+    std::fs::write(dir.join("svc-0099.yaml"), text)?;
+    let t = Instant::now();
+    let (state, _) = folder.refresh();
+    let t1 = t.elapsed();
+    let desired = desired_state(state, &node);
+    let t2 = t.elapsed();
+    let ops = r.plan(&desired, &settings)?;
+    println!(
+        "change: refresh {t1:?}, +desired {:?}, +plan {:?} ({} ops)",
+        t2 - t1,
+        t.elapsed() - t2,
+        ops.len()
+    );
+    Ok(())
+}
