@@ -153,6 +153,17 @@ fn main() -> Result<()> {
         LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
         LogFormat::Json => logs.json().init(),
     }
+    // The programs' aya-log messages pass through the `log` facade, and the
+    // loader sets their level from it: make it follow the tracing filter.
+    use tracing::level_filters::LevelFilter as L;
+    log::set_max_level(match L::current() {
+        L::OFF => log::LevelFilter::Off,
+        L::ERROR => log::LevelFilter::Error,
+        L::WARN => log::LevelFilter::Warn,
+        L::INFO => log::LevelFilter::Info,
+        L::DEBUG => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    });
     match cli.command {
         Command::Run(args) => run(*args, cli.pin_dir),
         Command::Inspect { what, output, limit } => {

@@ -1,43 +1,17 @@
-//! Debugging aid: builds the scenario cluster, sends a burst to one NodePort
-//! and prints what the nodes saw.
+//! Debugging aid: builds the demo cluster, sends a few requests (one to a
+//! service without endpoints) and prints node-1's agent log. Run as root,
+//! e.g. `LB_TEST_AGENT_LOG=lb_userspace=debug,aya_log=debug cargo run -p lb-tests --example cluster_probe`.
 use std::path::Path;
 
-use lb_tests::cluster::{Cluster, PodSpec, tally};
+use lb_tests::cluster::{Cluster, standard_pods};
 
 fn main() -> anyhow::Result<()> {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let pods = vec![PodSpec::new("web-a", 0, "10.244.1.10"), PodSpec::new("web-c", 1, "10.244.2.10")];
-    let c = Cluster::new(&examples, &pods)?;
-    let answers = Cluster::http(&c.client, "http://192.0.2.11:30080/", 20)?;
-    println!("{:?}", tally(&answers));
-    let agent = lb_tests::netns::agent_binary();
-    for (node, what) in [(0, "stats"), (0, "conntrack"), (1, "conntrack")] {
-        let out = std::process::Command::new(&agent)
-            .args(["inspect", what, "--pin-dir"])
-            .arg(c.pin_dir(node))
-            .output()?;
-        println!(
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter(|l| !l.contains("│ 0 "))
-                .take(30)
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-    }
-    for ns in [&c.client, &c.nodes[0], &c.nodes[1]] {
-        let out = ns.cmd("nstat").args(["-az"]).output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        println!(
-            "{}: {}",
-            ns.name,
-            text.lines()
-                .filter(|l| !l.split_whitespace().nth(1).is_some_and(|v| v == "0"))
-                .filter(|l| l.contains("Tcp") || l.contains("Ip"))
-                .collect::<Vec<_>>()
-                .join(" | ")
-        );
-    }
+    let c = Cluster::new(&examples, &standard_pods())?;
+    let pod = &c.pod("client-pod").ns;
+    println!("ClusterIP: {:?}", Cluster::http(pod, "http://10.96.0.10/", 3)?);
+    println!("no endpoints: {:?}", Cluster::http_once(pod, "http://10.96.0.16/", 2));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    println!("{}", c.agent_log(0));
     Ok(())
 }

@@ -191,7 +191,8 @@ impl Agent {
         let child = ns
             .cmd(agent_binary())
             .args(args)
-            .env("LB_LOG", "info")
+            // LB_TEST_AGENT_LOG=debug shows the programs' own messages too.
+            .env("LB_LOG", std::env::var("LB_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
             .stderr(out)
             .spawn()

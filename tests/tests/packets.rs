@@ -431,3 +431,33 @@ fn pinned_maps_dump_with_field_names() {
         assert!(bed.pin_dir().join(name).exists(), "{name} is not pinned");
     }
 }
+
+/// Collects the programs' aya-log records.
+struct Capture(std::sync::Mutex<Vec<String>>);
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        self.0.lock().unwrap().push(format!("{} {}", record.level(), record.args()));
+    }
+    fn flush(&self) {}
+}
+
+#[test]
+fn programs_log_rejects_and_drops() {
+    // The programs log at the level in force when they are loaded.
+    log::set_max_level(log::LevelFilter::Debug);
+    let mut bed = bed();
+    static CAPTURE: Capture = Capture(std::sync::Mutex::new(Vec::new()));
+    let mut logger = aya_log::EbpfLogger::init_with_logger(&mut bed.ebpf, &CAPTURE).expect("log map");
+    bed.service(FrontendKey::new(CLUSTER_IP, 53, IPPROTO_UDP), FrontendKind::ClusterIp, 0, &[]).unwrap();
+    bed.tc(&udp((POD_CLIENT, 40000), (CLUSTER_IP, 53), b"q")).unwrap();
+    logger.flush();
+    let lines = CAPTURE.0.lock().unwrap().clone();
+    assert!(
+        lines.iter().any(|l| l.contains("tc reject") && l.contains("10.244.1.5:40000")),
+        "the reject was logged: {lines:?}"
+    );
+}

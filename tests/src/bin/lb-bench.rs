@@ -99,6 +99,7 @@ fn main() -> Result<()> {
     )?;
     writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|")?;
     let mut established = Vec::new();
+    let mut ratio_max = 0f64;
     for &n in &plan.services {
         eprintln!("bench:   {n} services");
         let c = bench::packet_costs(&wire, &floor, n, plan.frames, plan.rounds)?;
@@ -119,13 +120,11 @@ fn main() -> Result<()> {
             c.established / c.floor_tx
         )?;
         established.push(c.established);
+        ratio_max = ratio_max.max(c.established / c.floor_tx);
     }
     let (lo, hi) = established.iter().fold((f64::MAX, 0f64), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
-    writeln!(
-        md,
-        "\nEstablished-flow spread across service counts: {:.1}% (goal: within 10%).\n",
-        (hi - lo) / lo * 100.0
-    )?;
+    let spread = (hi - lo) / lo * 100.0;
+    writeln!(md, "\nEstablished-flow spread across service counts: {spread:.1}%.\n")?;
 
     eprintln!("bench: new flows");
     let n = *plan.services.last().expect("service counts");
@@ -186,6 +185,42 @@ fn main() -> Result<()> {
     writeln!(
         md,
         "\nNot measured yet: packets per second and short TCP connections through a node against the kube-proxy rule sets (parts 2 and 3 of the plan).\n"
+    )?;
+    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+    let rss = cp.peak_rss_kib as f64 / 1024.0;
+    let p99 = cp.change_p99.as_secs_f64() * 1000.0;
+    let startup = cp.startup.as_secs_f64();
+    writeln!(md, "## Goals\n\n| goal | figure | |\n|---|---|---|")?;
+    writeln!(
+        md,
+        "| established flow at most ~2× the parse-and-TX floor | up to {ratio_max:.2}× | {} |",
+        verdict(ratio_max <= 2.0)
+    )?;
+    writeln!(
+        md,
+        "| established flow flat within 10% across service counts | {spread:.1}% | {} |",
+        verdict(spread <= 10.0)
+    )?;
+    writeln!(
+        md,
+        "| {} services programmed in under 2 s | {startup:.2} s | {} |",
+        cp.services,
+        verdict(startup < 2.0)
+    )?;
+    writeln!(
+        md,
+        "| one endpoint change in the maps under 10 ms p99 | {p99:.1} ms | {} |",
+        verdict(p99 < 10.0)
+    )?;
+    writeln!(md, "| agent RSS under 100 MiB | {rss:.1} MiB | {} |", verdict(rss < 100.0))?;
+    writeln!(md, "| pps and connections/s against iptables and nftables | not measured yet | |\n")?;
+    writeln!(
+        md,
+        "What limits the missed ones, as far as measured: the established path does a conntrack lookup, a \
+         backend-liveness lookup, the rewrite and a FIB lookup per packet (caching the next hop in the conntrack \
+         entry would remove the last). An endpoint change re-derives the desired state from every Service \
+         (`cargo run --release -p lb-tests --example cp_profile`: ~35 ms at 10,000 Services) while planning and \
+         writing the difference takes ~3 ms. RSS holds every Service and EndpointSlice object parsed.\n"
     )?;
     writeln!(md, "Total run time: {:.0} s.", started.elapsed().as_secs_f64())?;
     std::fs::write(&output, md)?;
