@@ -122,7 +122,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut health_checks = HealthCheckServers::default();
     // The programs' aya-log messages, into this process's log. The logger
     // owns the log map: it lives as long as the loop below.
-    let ebpf_log = match aya_log::EbpfLogger::init(&mut agent.ebpf) {
+    let mut ebpf_log = match aya_log::EbpfLogger::init(&mut agent.ebpf) {
         // SAFETY: the logger owns its ring buffer fd and keeps it open while
         // the AsyncFd holds it.
         Ok(logger) => Some(unsafe {
@@ -133,7 +133,6 @@ pub async fn run(opts: Options) -> Result<()> {
             None
         }
     };
-    let mut ebpf_log = ebpf_log;
     let (links_tx, mut links_rx) = mpsc::channel::<()>(1);
     if !agent.opts.pod_interfaces.is_empty() {
         std::thread::spawn(move || {
