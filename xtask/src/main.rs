@@ -163,6 +163,15 @@ fn test(args: &[String]) -> Result<()> {
         .arg(format!("+{EBPF_TOOLCHAIN}"))
         .args(["clippy", "--package", "lb-ebpf", "--bins", "--target", "bpfel-unknown-none"])
         .args(["-Z", "build-std=core", "--", "-D", "warnings"]))?;
+    // The integration tests drive the binaries (lb-agent, lb-netcheck,
+    // lb-bench); `cargo test` alone builds only their test harnesses.
+    run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--workspace",
+        "--exclude",
+        "lb-ebpf",
+        "--bins",
+    ]))?;
     // Root tests share the machine's two cores and its kernel: two at a time.
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&root)
