@@ -228,41 +228,28 @@ fn run(args: RunArgs, pin_dir: PathBuf) -> Result<()> {
 }
 
 fn print_inspect(maps: &Maps, what: What, output: Output, limit: usize) -> Result<()> {
-    let json = matches!(output, Output::Json);
     match what {
-        What::Services => {
-            let rows = inspect::services(maps)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                println!("{}", inspect::services_table(&rows));
-            }
-        }
-        What::Backends => {
-            let rows = inspect::backends(maps)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                println!("{}", inspect::backends_table(&rows));
-            }
-        }
+        What::Services => show(&inspect::services(maps)?, output, |r| inspect::services_table(r).to_string()),
+        What::Backends => show(&inspect::backends(maps)?, output, |r| inspect::backends_table(r).to_string()),
         What::Conntrack => {
-            let rows = inspect::conntrack(maps, limit)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                println!("{}", inspect::conntrack_table(&rows));
-            }
+            show(&inspect::conntrack(maps, limit)?, output, |r| inspect::conntrack_table(r).to_string())
         }
-        What::Stats => {
-            let s = inspect::stats(maps)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
-            } else {
-                let (services, drops) = inspect::stats_table(&s);
-                println!("{services}\n{drops}");
-            }
-        }
+        What::Stats => show(&inspect::stats(maps)?, output, |s| {
+            let (services, drops) = inspect::stats_table(s);
+            format!("{services}\n{drops}")
+        }),
+    }
+}
+
+/// Prints `rows` as JSON or as the table `table` renders.
+fn show<T: serde::Serialize + ?Sized>(
+    rows: &T,
+    output: Output,
+    table: impl FnOnce(&T) -> String,
+) -> Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(rows)?),
+        Output::Table => println!("{}", table(rows)),
     }
     Ok(())
 }
