@@ -19,7 +19,7 @@ use crate::{
     attach,
     loader::{self, Capacities},
     maps::Maps,
-    model::{ClusterState, Desired, NodeInfo, desired_state},
+    model::{Desired, NodeInfo, desired_state},
     reconciler::{self, NodeSettings, Reconciler},
     sources::{kubernetes::KubeSource, manifests},
     telemetry::{HealthCheckServers, Telemetry},
@@ -334,11 +334,11 @@ fn watch_path(path: &Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedWa
 }
 
 /// `--dry-run`: the desired state for the manifests, without touching the kernel.
-pub fn dry_run(path: &Path, node: &NodeInfo) -> (ClusterState, String) {
+pub fn dry_run(path: &Path, node: &NodeInfo) -> String {
     let loaded = manifests::load(path);
     let mut out = desired_state(&loaded.state, node).dump();
     for e in &loaded.errors {
         out.push_str(&format!("error: {e}\n"));
     }
-    (loaded.state, out)
+    out
 }

@@ -192,7 +192,7 @@ fn run(args: RunArgs, pin_dir: PathBuf) -> Result<()> {
         };
         let node = NodeInfo { name: args.node_name, zone: args.zone, addresses };
         let manifests = args.manifests.context("--dry-run reads --manifests")?;
-        print!("{}", agent::dry_run(&manifests, &node).1);
+        print!("{}", agent::dry_run(&manifests, &node));
         return Ok(());
     }
     let pod_interfaces = args

@@ -16,7 +16,7 @@ use std::{
 };
 
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
-use lb_common::{Drop, FrontendKey, FrontendKind, SlotKey};
+use lb_common::{Drop, FrontendKey, FrontendKind};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -107,10 +107,8 @@ impl Telemetry {
                 bytes.get_or_create(&labels).inc_by(stats.iter().map(|s| s.bytes).sum());
                 flows.get_or_create(&labels).inc_by(stats.iter().map(|s| s.new_flows).sum());
             }
-            let live = (0..fe.backend_count)
-                .filter(|slot| maps.slots.get(&SlotKey { frontend_id: fe.id, slot: *slot }, 0).is_ok())
-                .count();
-            backends.get_or_create(&labels).set(live as i64);
+            // The reconciler writes slots before the count that exposes them.
+            backends.get_or_create(&labels).set(fe.backend_count as i64);
         }
         reg.register("frontend_packets", "Packets of each service frontend (both directions)", packets);
         reg.register("frontend_bytes", "IP bytes of each service frontend (both directions)", bytes);
@@ -124,9 +122,13 @@ impl Telemetry {
         }
         reg.register("drops", "Packets dropped or rejected by the dataplane, by reason", drops);
 
+        // One walk of the LRU gives both its occupancy and the live entries.
         let now = crate::inspect::monotonic_ns();
-        let live =
-            maps.conntrack.iter().filter_map(Result::ok).filter(|(k, e)| !e.expired(k.proto, now)).count();
+        let (mut entries, mut live) = (0, 0);
+        for (k, e) in maps.conntrack.iter().filter_map(Result::ok) {
+            entries += 1;
+            live += usize::from(!e.expired(k.proto, now));
+        }
         let conntrack = Gauge::<i64>::default();
         conntrack.set(live as i64);
         reg.register("conntrack_entries", "Live conntrack entries (two per flow)", conntrack);
@@ -136,7 +138,7 @@ impl Telemetry {
             ("lb_services", maps.services.keys().count()),
             ("lb_backends", maps.backends.keys().count()),
             ("lb_slots", maps.slots.keys().count()),
-            ("lb_conntrack", maps.conntrack.keys().count()),
+            ("lb_conntrack", entries),
             ("lb_affinity", maps.affinity.keys().count()),
         ];
         for (map, n) in counts {

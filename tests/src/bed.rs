@@ -3,7 +3,7 @@
 use std::{
     ffi::CString,
     os::unix::ffi::OsStrExt as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
 };
 
@@ -139,10 +139,6 @@ impl Bed {
     pub fn tc(&self, frame: &[u8]) -> Result<Run> {
         let p: &SchedClassifier = self.ebpf.program(TC_PROGRAM).context("tc")?.try_into()?;
         run(p, frame)
-    }
-
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
     }
 }
 

@@ -413,7 +413,7 @@ fn pinned_maps_dump_with_field_names() {
         &[Be::local(LOCAL_POD, 8080)],
     )
     .unwrap();
-    let pin = bed.pin_dir().join(lb_common::MAP_SERVICES);
+    let pin = bed.pin_dir.join(lb_common::MAP_SERVICES);
     let out = std::process::Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned"])
         .arg(&pin)
@@ -428,7 +428,7 @@ fn pinned_maps_dump_with_field_names() {
     }
     // Every map is pinned under the directory, named as documented.
     for name in lb_common::ALL_MAPS {
-        assert!(bed.pin_dir().join(name).exists(), "{name} is not pinned");
+        assert!(bed.pin_dir.join(name).exists(), "{name} is not pinned");
     }
 }
 
