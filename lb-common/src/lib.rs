@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod csum;
+pub mod floor;
 pub mod icmp;
 pub mod maps;
 

@@ -2,7 +2,7 @@
 use std::{collections::BTreeSet, time::Instant};
 
 use lb_common::Config;
-use lb_tests::bench::{endpoints_of, service_yaml, write_manifests};
+use lb_tests::bench::{Proto, endpoints_of, service_yaml, write_manifests};
 use lb_userspace::{
     model::{NodeInfo, desired_state},
     reconciler::{NodeSettings, Reconciler},
@@ -12,7 +12,7 @@ use lb_userspace::{
 fn main() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join("cp-profile");
     let _ = std::fs::remove_dir_all(&dir);
-    write_manifests(&dir, 10_000, 10)?;
+    write_manifests(&dir, 10_000, 10, Proto::Tcp, None)?;
     let node = NodeInfo { name: "bench".into(), zone: None, addresses: vec![[192, 0, 2, 11].into()] };
     let settings = NodeSettings {
         addresses: BTreeSet::from([[192, 0, 2, 11]]),
@@ -31,8 +31,9 @@ fn main() -> anyhow::Result<()> {
     println!("first plan {:?} ({} ops)", t.elapsed(), ops.len());
     let mut eps = endpoints_of(9999, 10);
     eps[0] = [10, 200, 0, 1].into();
-    let mut text: String = (9900..9999).map(|i| service_yaml(i, &endpoints_of(i, 10))).collect();
-    text.push_str(&service_yaml(9999, &eps));
+    let mut text: String =
+        (9900..9999).map(|i| service_yaml(i, Proto::Tcp, None, &endpoints_of(i, 10))).collect();
+    text.push_str(&service_yaml(9999, Proto::Tcp, None, &eps));
     std::fs::write(dir.join("svc-0099.yaml"), text)?;
     let t = Instant::now();
     let (state, _) = folder.refresh();

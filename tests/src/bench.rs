@@ -5,18 +5,19 @@
 
 use std::{
     collections::BTreeSet,
-    fmt::Write as _,
     net::Ipv4Addr,
     path::Path,
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf,
+    maps::{Array, MapData},
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp},
 };
-use lb_common::{Config, FrontendKey, FrontendKind, IPPROTO_TCP};
+use lb_common::{Config, FrontendKey, FrontendKind, IPPROTO_TCP, floor::Template};
 use lb_userspace::{
     loader::{self, Capacities, FLOOR_OBJECT, XDP_PROGRAM},
     maps::Maps,
@@ -25,7 +26,7 @@ use lb_userspace::{
 };
 
 use crate::{
-    netns::{Bpffs, Netns, run},
+    netns::{Bpffs, Netns},
     packet::tcp,
 };
 
@@ -42,12 +43,10 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 pub fn synthetic(n: u32, per: u32) -> Desired {
     let mut d = Desired::default();
     for i in 0..n {
-        let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i);
-        let backends = (0..per)
-            .map(|j| {
-                let b = u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * per + j;
-                DesiredBackend { addr: Ipv4Addr::from(b), port: 8080, local: false }
-            })
+        let vip = vip_of(i);
+        let backends = endpoints_of(i, per)
+            .into_iter()
+            .map(|addr| DesiredBackend { addr, port: 8080, local: false })
             .collect();
         d.frontends.insert(
             FrontendKey::new(vip.octets(), 80, IPPROTO_TCP),
@@ -67,14 +66,16 @@ pub fn synthetic(n: u32, per: u32) -> Desired {
 }
 
 /// A namespace where live frames can really be transmitted: `ext0` (the
-/// program's interface) paired with `ext1`, which runs an XDP program that
-/// drops, so XDP_TX frames are delivered (a veth needs XDP or GRO on the
-/// peer) and then cost nothing more; routes and neighbours so the FIB
-/// lookup resolves.
+/// program's interface) paired with `ext1`, which runs `floor_restore`, so
+/// XDP_TX frames are delivered (a veth needs XDP or GRO on the peer), then
+/// written back to the input frame before their page is reused (live
+/// frames keep what a program wrote) and dropped; routes and neighbours so
+/// the FIB lookup resolves.
 pub struct Wire {
     pub ns: Netns,
     pub ifindex: u32,
-    _floor: Ebpf,
+    template: Mutex<Array<MapData, Template>>,
+    floor: Ebpf,
 }
 
 impl Wire {
@@ -102,13 +103,32 @@ impl Wire {
         ])?;
         ns.ip(&["route", "add", "10.128.0.0/10", "via", NEXT_HOP, "dev", "ext0"])?;
         let mut floor = Ebpf::load(FLOOR_OBJECT)?;
-        let sink: &mut Xdp = floor.program_mut("floor_drop").context("floor_drop")?.try_into()?;
+        let sink: &mut Xdp = floor.program_mut("floor_restore").context("floor_restore")?.try_into()?;
         sink.load()?;
         let ifindex = ns.enter(|| -> Result<u32> {
             sink.attach(c"ext1", aya::programs::XdpMode::Default)?;
             Ok(nix::net::if_::if_nametoindex("ext0")?)
         })??;
-        Ok(Self { ns, ifindex, _floor: floor })
+        let template =
+            Mutex::new(Array::try_from(floor.take_map("floor_template").context("floor_template")?)?);
+        Ok(Self { ns, ifindex, template, floor })
+    }
+}
+
+impl Wire {
+    /// Frames the peer has received so far.
+    pub fn sunk(&self) -> Result<u64> {
+        let count: aya::maps::PerCpuArray<_, u64> =
+            aya::maps::PerCpuArray::try_from(self.floor.map("floor_count").context("floor_count")?)?;
+        Ok(count.get(&0, 0)?.iter().sum())
+    }
+
+    /// Mean ns per frame of `p` over `frames` live frames of `frame`, each
+    /// one really starting as `frame`; from a thread inside `ns`.
+    pub fn live(&self, p: &Xdp, frame: &[u8], frames: u32) -> Result<f64> {
+        let template = Template::new(frame).context("frame longer than a template")?;
+        self.template.lock().map_err(|_| anyhow::anyhow!("template lock"))?.set(0, &template, 0)?;
+        live(p, frame, self.ifindex, frames)
     }
 }
 
@@ -187,7 +207,7 @@ pub fn packet_costs(wire: &Wire, floor: &Ebpf, n: u32, frames: u32, rounds: usiz
     let tx: &Xdp = floor.program("floor_tx").context("floor_tx")?.try_into()?;
     let pass: &Xdp = floor.program("floor_pass").context("floor_pass")?.try_into()?;
     // A service in the middle of the table; open its flow once.
-    let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + n / 2).octets();
+    let vip = vip_of(n / 2).octets();
     let syn = tcp((CLIENT, 40000), (vip, 80), "S", b"");
     let est = tcp((CLIENT, 40000), (vip, 80), "A", b"");
     let other = tcp((CLIENT, 40000), ([192, 0, 2, 50], 80), "A", b"");
@@ -208,11 +228,11 @@ pub fn packet_costs(wire: &Wire, floor: &Ebpf, n: u32, frames: u32, rounds: usiz
     let (mut a, mut b, mut c, mut d, mut e) = (vec![], vec![], vec![], vec![], vec![]);
     wire.ns.enter(|| -> Result<()> {
         for _ in 0..rounds {
-            a.push(live(p, &other, wire.ifindex, frames)?);
-            b.push(live(p, &est, wire.ifindex, frames)?);
-            c.push(live(p, &reply, wire.ifindex, frames)?);
-            d.push(live(tx, &est, wire.ifindex, frames)?);
-            e.push(live(pass, &est, wire.ifindex, frames)?);
+            a.push(wire.live(p, &other, frames)?);
+            b.push(wire.live(p, &est, frames)?);
+            c.push(wire.live(p, &reply, frames)?);
+            d.push(wire.live(tx, &est, frames)?);
+            e.push(wire.live(pass, &est, frames)?);
         }
         Ok(())
     })??;
@@ -233,7 +253,7 @@ pub fn new_flow_cost(floor: &Ebpf, n: u32, samples: u32) -> Result<(f64, f64)> {
     let (lb, _) = load_lb(n, 10)?;
     let p: &Xdp = lb.ebpf.program(XDP_PROGRAM).context("lb_xdp")?.try_into()?;
     let tx: &Xdp = floor.program("floor_tx").context("floor_tx")?.try_into()?;
-    let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + n / 2).octets();
+    let vip = vip_of(n / 2).octets();
     let (mut syn, mut base) = (Vec::new(), Vec::new());
     for i in 0..samples {
         let sport = 1024 + (i % 60_000) as u16;
@@ -244,126 +264,56 @@ pub fn new_flow_cost(floor: &Ebpf, n: u32, samples: u32) -> Result<(f64, f64)> {
     Ok((median(syn), median(base)))
 }
 
-/// kube-proxy-style iptables rules for `n` services × `per` endpoints, as
-/// its iptables mode writes them (KUBE-SERVICES → KUBE-SVC-* → KUBE-SEP-*).
-pub fn iptables_rules(n: u32, per: u32) -> String {
-    let mut chains = String::new();
-    let mut rules = String::new();
-    writeln!(chains, "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]").ok();
-    writeln!(rules, "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000").ok();
-    writeln!(rules, "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN").ok();
-    writeln!(rules, "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000").ok();
-    writeln!(rules, "-A KUBE-POSTROUTING -j MASQUERADE --random-fully").ok();
-    for i in 0..n {
-        let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i);
-        let svc = format!("KUBE-SVC-{i:016X}");
-        writeln!(chains, ":{svc} - [0:0]").ok();
-        writeln!(rules, "-A KUBE-SERVICES -d {vip}/32 -p tcp -m comment --comment \"bench/svc-{i} cluster IP\" -m tcp --dport 80 -j {svc}").ok();
-        writeln!(rules, "-A {svc} ! -s 10.244.0.0/16 -d {vip}/32 -p tcp -m tcp --dport 80 -j KUBE-MARK-MASQ")
-            .ok();
-        for j in 0..per {
-            let sep = format!("KUBE-SEP-{i:010X}{j:06X}");
-            let ep = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * per + j);
-            writeln!(chains, ":{sep} - [0:0]").ok();
-            let left = per - j;
-            if left > 1 {
-                writeln!(rules, "-A {svc} -m comment --comment \"bench/svc-{i} -> {ep}:8080\" -m statistic --mode random --probability {:.11} -j {sep}", 1.0 / left as f64).ok();
-            } else {
-                writeln!(rules, "-A {svc} -m comment --comment \"bench/svc-{i} -> {ep}:8080\" -j {sep}").ok();
-            }
-            writeln!(rules, "-A {sep} -s {ep}/32 -m comment --comment bench/svc-{i} -j KUBE-MARK-MASQ").ok();
-            writeln!(
-                rules,
-                "-A {sep} -p tcp -m comment --comment bench/svc-{i} -m tcp -j DNAT --to-destination {ep}:8080"
-            )
-            .ok();
-        }
-    }
-    writeln!(rules, "-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS").ok();
-    chains.push_str(":KUBE-NODEPORTS - [0:0]\n");
-    format!("{chains}{rules}COMMIT\n")
-}
-
-/// kube-proxy-style nftables ruleset (its nftables mode): a `kube-proxy`
-/// table, a service-ips verdict map, endpoint chains chosen with numgen.
-pub fn nft_rules(n: u32, per: u32) -> String {
-    let mut out = String::from("table ip kube-proxy {\n");
-    out.push_str(
-        "  map service-ips { type ipv4_addr . inet_proto . inet_service : verdict\n    elements = { ",
-    );
-    let mut first = true;
-    for i in 0..n {
-        let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i);
-        if !first {
-            out.push_str(", ");
-        }
-        first = false;
-        write!(out, "{vip} . tcp . 80 : goto service-{i}").ok();
-    }
-    out.push_str(" }\n  }\n");
-    for i in 0..n {
-        write!(out, "  chain service-{i} {{\n    numgen random mod {per} vmap {{ ").ok();
-        for j in 0..per {
-            write!(out, "{}{j} : goto endpoint-{i}-{j}", if j > 0 { ", " } else { "" }).ok();
-        }
-        out.push_str(" }\n  }\n");
-        for j in 0..per {
-            let ep = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * per + j);
-            writeln!(out, "  chain endpoint-{i}-{j} {{\n    ip saddr {ep} jump mark-for-masquerade\n    meta l4proto tcp dnat to {ep}:8080\n  }}").ok();
-        }
-    }
-    out.push_str("  chain mark-for-masquerade {\n    mark set mark or 0x4000\n  }\n");
-    out.push_str("  chain services {\n    ip daddr . meta l4proto . th dport vmap @service-ips\n  }\n");
-    out.push_str("  chain nat-prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    jump services\n  }\n");
-    out.push_str("}\n");
-    out
-}
-
-/// Seconds to load `input` with `cmd args` inside `ns`.
-pub fn timed_load(ns: &Netns, program: &str, args: &[&str], input: &str, dir: &Path) -> Result<f64> {
-    let file = dir.join(format!("{program}.rules"));
-    std::fs::write(&file, input)?;
-    let started = Instant::now();
-    let out = ns.cmd(program).args(args).arg(&file).output()?;
-    let elapsed = started.elapsed().as_secs_f64();
-    if !out.status.success() {
-        bail!("{program} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(elapsed)
-}
-
-pub fn flush(ns: &Netns) -> Result<()> {
-    run(ns.cmd("iptables").args(["-t", "nat", "-F"]))?;
-    run(ns.cmd("iptables").args(["-t", "nat", "-X"]))?;
-    let _ = ns.cmd("nft").args(["delete", "table", "ip", "kube-proxy"]).output();
-    Ok(())
-}
-
 /// Manifests for `n` services × `per` endpoints in files of 100 services.
-pub fn write_manifests(dir: &Path, n: u32, per: u32) -> Result<()> {
+pub fn write_manifests(dir: &Path, n: u32, per: u32, proto: Proto, node: Option<&str>) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     for file in 0..n.div_ceil(100) {
         let mut text = String::new();
         for i in file * 100..((file + 1) * 100).min(n) {
-            text.push_str(&service_yaml(i, &endpoints_of(i, per)));
+            text.push_str(&service_yaml(i, proto, node, &endpoints_of(i, per)));
         }
         std::fs::write(dir.join(format!("svc-{file:04}.yaml")), text)?;
     }
     Ok(())
 }
 
+/// Synthetic service `i`'s cluster IP: 10.96.0.0 + i.
+pub fn vip_of(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i)
+}
+
+/// Synthetic service `i`'s endpoints: `per` addresses from 10.128.0.0 + i × per.
 pub fn endpoints_of(i: u32, per: u32) -> Vec<Ipv4Addr> {
     (0..per).map(|j| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * per + j)).collect()
 }
 
-pub fn service_yaml(i: u32, endpoints: &[Ipv4Addr]) -> String {
-    let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i);
-    let eps: String = endpoints.iter().map(|e| format!("  - addresses: [\"{e}\"]\n")).collect();
+/// The protocol of the synthetic services' one port (80 → 8080).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// Service `i` and its EndpointSlice (endpoints on `node` if given).
+pub fn service_yaml(i: u32, proto: Proto, node: Option<&str>, endpoints: &[Ipv4Addr]) -> String {
+    let vip = vip_of(i);
+    let protocol = proto.name().to_uppercase();
+    let node = node.map(|n| format!(", nodeName: {n}")).unwrap_or_default();
+    let eps: String = endpoints.iter().map(|e| format!("  - {{addresses: [\"{e}\"]{node}}}\n")).collect();
     format!(
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\nspec:\n  clusterIP: {vip}\n  \
-         ports: [{{port: 80, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         ports: [{{port: 80, targetPort: 8080, protocol: {protocol}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
          metadata: {{name: svc-{i}-1, namespace: bench, labels: {{kubernetes.io/service-name: svc-{i}}}}}\n\
-         addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{eps}"
+         addressType: IPv4\nports: [{{port: 8080, protocol: {protocol}}}]\nendpoints:\n{eps}"
     )
 }
 
@@ -391,17 +341,17 @@ pub fn control_plane(wire: &Wire, n: u32, changes: usize) -> Result<ControlPlane
     let bpffs = Bpffs::new()?;
     let pin = bpffs.dir.join("lb");
     let dir = std::env::temp_dir().join(crate::netns::unique("cp"));
-    write_manifests(&dir, n, per)?;
+    write_manifests(&dir, n, per, Proto::Tcp, None)?;
     // The service whose endpoints change lives in its own file.
     let probe = n - 1;
     std::fs::remove_file(dir.join(format!("svc-{:04}.yaml", probe / 100))).ok();
     let mut rest = String::new();
     for i in (probe / 100) * 100..probe {
-        rest.push_str(&service_yaml(i, &endpoints_of(i, per)));
+        rest.push_str(&service_yaml(i, Proto::Tcp, None, &endpoints_of(i, per)));
     }
     std::fs::write(dir.join(format!("svc-{:04}.yaml", probe / 100)), rest)?;
     let mut eps = endpoints_of(probe, per);
-    std::fs::write(dir.join("probe.yaml"), service_yaml(probe, &eps))?;
+    std::fs::write(dir.join("probe.yaml"), service_yaml(probe, Proto::Tcp, None, &eps))?;
 
     let started = Instant::now();
     let args: Vec<String> = [
@@ -438,7 +388,7 @@ pub fn control_plane(wire: &Wire, n: u32, changes: usize) -> Result<ControlPlane
     let startup = started.elapsed();
 
     let maps = Maps::open_pinned(&pin)?;
-    let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + probe).octets();
+    let vip = vip_of(probe).octets();
     let slot0 = |maps: &Maps| -> Option<[u8; 4]> {
         let fe = maps.services.get(&FrontendKey::new(vip, 80, IPPROTO_TCP), 0).ok()?;
         let id = maps.slots.get(&lb_common::SlotKey { frontend_id: fe.id, slot: 0 }, 0).ok()?;
@@ -451,7 +401,7 @@ pub fn control_plane(wire: &Wire, n: u32, changes: usize) -> Result<ControlPlane
         let at = eps.iter().position(|e| e.octets() == current).context("slot 0 endpoint")?;
         eps[at] = fresh;
         let tmp = dir.join(".probe.tmp");
-        std::fs::write(&tmp, service_yaml(probe, &eps))?;
+        std::fs::write(&tmp, service_yaml(probe, Proto::Tcp, None, &eps))?;
         let t0 = Instant::now();
         std::fs::rename(&tmp, dir.join("probe.yaml"))?;
         loop {

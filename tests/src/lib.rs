@@ -9,6 +9,8 @@ pub mod bed;
 pub mod bench;
 pub mod cluster;
 pub mod fake_api;
+pub mod kube_proxy;
+pub mod lanes;
 pub mod netns;
 pub mod packet;
 

@@ -33,12 +33,8 @@ struct Cli {
 enum Cmd {
     /// Install the toolchains, bpf-linker and Debian packages that are missing.
     Setup,
-    /// Build the eBPF object (target/bpfel-unknown-none/<profile>/lb-ebpf).
-    BuildEbpf {
-        /// Optimised build (the agent always embeds a release build).
-        #[arg(long)]
-        release: bool,
-    },
+    /// Build the eBPF objects (target/bpfel-unknown-none/release/lb-ebpf and lb-floor).
+    BuildEbpf,
     /// Set up, build, and run the demo: a two-node cluster in network
     /// namespaces with real traffic to every example service (needs root).
     Demo,
@@ -59,10 +55,10 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::ensure(),
-        Cmd::BuildEbpf { release } => {
+        Cmd::BuildEbpf => {
             setup::ensure()?;
-            let object = build_ebpf(release)?;
-            println!("eBPF object: {}", object.display());
+            let dir = build_ebpf()?;
+            println!("eBPF objects: {}, {}", dir.join("lb-ebpf").display(), dir.join("lb-floor").display());
             Ok(())
         }
         Cmd::Test { args } => test(&args),
@@ -75,21 +71,19 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
 }
 
-fn build_ebpf(release: bool) -> Result<PathBuf> {
+/// Always optimised: unoptimised BPF code exceeds the stack limit and is
+/// rejected by LLVM's BPF backend (and the agent embeds a release build).
+fn build_ebpf() -> Result<PathBuf> {
     let root = workspace_root();
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&root)
         .arg(format!("+{EBPF_TOOLCHAIN}"))
-        .args(["build", "--package", "lb-ebpf", "--bins", "--target", "bpfel-unknown-none"])
+        .args(["build", "--release", "--package", "lb-ebpf", "--bins", "--target", "bpfel-unknown-none"])
         .args(["-Z", "build-std=core"])
         // BTF for bpftool and aya; the same flags the agent's build uses.
         .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
-    if release {
-        cmd.arg("--release");
-    }
     run(&mut cmd)?;
-    let profile = if release { "release" } else { "debug" };
-    Ok(root.join("target/bpfel-unknown-none").join(profile).join("lb-ebpf"))
+    Ok(root.join("target/bpfel-unknown-none/release"))
 }
 
 fn demo() -> Result<()> {

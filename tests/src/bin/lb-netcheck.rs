@@ -9,6 +9,8 @@
 //! - `stream ADDR:PORT SECONDS`: a long-lived TCP connection through the
 //!   echo server, checking every byte comes back; prints `ok <bytes>` or the
 //!   error and exits non-zero.
+//! - `http-close PORT`: the benchmark's server: answers every HTTP request
+//!   with a fixed 200 and closes the connection, on two threads.
 
 use std::{
     io::{ErrorKind, Read, Write},
@@ -24,7 +26,10 @@ fn main() -> Result<()> {
         ["serve", name] => serve(name),
         ["udp", to, count] => udp(to, count.parse()?),
         ["stream", to, seconds] => stream(to, Duration::from_secs(seconds.parse()?)),
-        _ => bail!("usage: lb-netcheck serve NAME | udp ADDR:PORT COUNT | stream ADDR:PORT SECONDS"),
+        ["http-close", port] => http_close(port.parse()?),
+        _ => bail!(
+            "usage: lb-netcheck serve NAME | udp ADDR:PORT COUNT | stream ADDR:PORT SECONDS | http-close PORT"
+        ),
     }
 }
 
@@ -105,5 +110,29 @@ fn stream(to: &str, duration: Duration) -> Result<()> {
         std::thread::sleep(Duration::from_millis(10));
     }
     println!("ok {total}");
+    Ok(())
+}
+
+fn http_close(port: u16) -> Result<()> {
+    const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+    let listener = TcpListener::bind(("0.0.0.0", port))?;
+    let serve = move |listener: TcpListener| {
+        let mut buf = [0u8; 4096];
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            // Read the request head (small, usually one segment), answer, close.
+            let mut seen = 0;
+            while let Ok(n) = conn.read(&mut buf[seen..]) {
+                seen += n;
+                if n == 0 || buf[..seen].windows(4).any(|w| w == b"\r\n\r\n") || seen == buf.len() {
+                    break;
+                }
+            }
+            let _ = conn.write_all(RESPONSE);
+        }
+    };
+    let second = listener.try_clone()?;
+    std::thread::spawn(move || serve(second));
+    serve(listener);
     Ok(())
 }

@@ -1,0 +1,506 @@
+//! Forwarding benchmarks: three identical lanes, one per dataplane, so runs
+//! can alternate between them.
+//!
+//! ```text
+//!  client ns                 node ns                        pod ns
+//!  eth0 192.0.2.100 ──veth── eth0 192.0.2.11   pod0 ──veth── eth0
+//!  (generator, wrk)          dataplane under test           10.128.0.0/10 local
+//! ```
+//!
+//! The node forwards the synthetic services (`bench::vip_of`, endpoints
+//! `bench::endpoints_of`, all on this node) with one of: the real `lb-agent`
+//! (XDP on eth0, TC on pod0), kube-proxy's iptables rules, or its nftables
+//! rules (`kube_proxy`). The node's eth0 runs `floor_pass` in the netfilter
+//! lanes: a veth needs an XDP program on the receiving side to take the
+//! generator's XDP_TX frames, and the agent's lane has `lb_xdp` there.
+//!
+//! Packets per second: `floor_gen` runs in live-frames mode on the client's
+//! eth0 and sends UDP frames to the services, each written whole from a
+//! template (the pages come back with whatever the node wrote); the pod
+//! counts and drops them with `floor_drop`. Connections per second: `wrk` in the client against
+//! `lb-netcheck http-close` in the pod.
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use aya::{
+    Ebpf,
+    maps::{Array, PerCpuArray},
+    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+};
+use lb_common::floor::{GEN_PORT_BASE, GenConfig, Template};
+use lb_userspace::loader::FLOOR_OBJECT;
+
+use crate::{
+    bench::{Proto, endpoints_of, vip_of, write_manifests},
+    kube_proxy,
+    netns::{Agent, Bpffs, Netns, agent_binary, run, unique, veth, wait_for},
+    packet::{CLIENT_MAC, NODE_MAC},
+};
+
+const CLIENT: &str = "192.0.2.100";
+const NODE: &str = "192.0.2.11";
+const POD_MAC: &str = "02:00:00:00:01:01";
+const GATEWAY_MAC: &str = "ee:ee:ee:ee:ee:ee";
+/// Link-local next hop both ways between node and pod (Calico style).
+const LINK_GW: &str = "169.254.1.1";
+const ENDPOINTS_PER_SERVICE: u32 = 10;
+/// Frames per generator test run; runs repeat until the time is up.
+const GEN_BATCH: u32 = 8192;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dataplane {
+    Agent,
+    Iptables,
+    Nftables,
+}
+
+impl Dataplane {
+    pub const ALL: [Dataplane; 3] = [Dataplane::Agent, Dataplane::Iptables, Dataplane::Nftables];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dataplane::Agent => "lb-agent (XDP)",
+            Dataplane::Iptables => "kube-proxy iptables",
+            Dataplane::Nftables => "kube-proxy nftables",
+        }
+    }
+}
+
+pub struct Lane {
+    pub dataplane: Dataplane,
+    /// Time to load the dataplane's state for all services.
+    pub load: Duration,
+    // Drop order: processes before their namespaces, the bpffs last.
+    agent: Option<Agent>,
+    server: Option<Child>,
+    pub client: Netns,
+    pub node: Netns,
+    pub pod: Netns,
+    client_ifindex: u32,
+    _bpffs: Option<Bpffs>,
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }
+}
+
+/// The three lanes for `services` services of one protocol.
+pub struct Lanes {
+    pub services: u32,
+    pub proto: Proto,
+    pub lanes: Vec<Lane>,
+    floor: Ebpf,
+    manifests: PathBuf,
+}
+
+impl Drop for Lanes {
+    fn drop(&mut self) {
+        self.lanes.clear();
+        let _ = std::fs::remove_dir_all(&self.manifests);
+    }
+}
+
+/// One generator run through a lane.
+#[derive(Clone, Copy, Debug)]
+pub struct PpsRun {
+    pub sent: u64,
+    pub delivered: u64,
+    pub secs: f64,
+    /// Softirq CPU time on all CPUs over the run (`/proc/stat`).
+    pub softirq_secs: f64,
+}
+
+impl PpsRun {
+    pub fn pps(&self) -> f64 {
+        self.delivered as f64 / self.secs
+    }
+
+    /// Softirq CPU per delivered packet, in ns.
+    pub fn softirq_ns(&self) -> f64 {
+        self.softirq_secs * 1e9 / self.delivered.max(1) as f64
+    }
+}
+
+/// One `wrk` run through a lane.
+#[derive(Clone, Copy, Debug)]
+pub struct CpsRun {
+    pub cps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: u64,
+    pub softirq_secs: f64,
+    pub connections: u64,
+}
+
+impl Lanes {
+    pub fn new(services: u32, proto: Proto) -> Result<Self> {
+        let mut floor = Ebpf::load(FLOOR_OBJECT)?;
+        for p in ["floor_pass", "floor_drop", "floor_gen"] {
+            let x: &mut Xdp = floor.program_mut(p).context(p)?.try_into()?;
+            x.load()?;
+        }
+        let manifests = std::env::temp_dir().join(unique("lanes"));
+        write_manifests(&manifests, services, ENDPOINTS_PER_SERVICE, proto, Some("bench"))?;
+        let mut lanes = Self { services, proto, lanes: Vec::new(), floor, manifests };
+        for dataplane in Dataplane::ALL {
+            let lane = lanes.build(dataplane)?;
+            lanes.lanes.push(lane);
+        }
+        Ok(lanes)
+    }
+
+    fn build(&mut self, dataplane: Dataplane) -> Result<Lane> {
+        let (client, node, pod) = (Netns::new("c")?, Netns::new("n")?, Netns::new("p")?);
+        veth(&client, "eth0", &node, "eth0")?;
+        veth(&node, "pod0", &pod, "eth0")?;
+        let mac = |m: [u8; 6]| m.map(|b| format!("{b:02x}")).join(":");
+        client.ip(&["link", "set", "eth0", "address", &mac(CLIENT_MAC)])?;
+        client.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"])?;
+        client.ip(&["route", "add", "10.96.0.0/12", "via", NODE])?;
+        client.ip(&["route", "add", kube_proxy::CLUSTER_CIDR, "via", NODE])?;
+        node.ip(&["link", "set", "eth0", "address", &mac(NODE_MAC)])?;
+        node.ip(&["addr", "add", &format!("{NODE}/24"), "dev", "eth0"])?;
+        node.ip(&["link", "set", "pod0", "address", GATEWAY_MAC])?;
+        for key in
+            ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"]
+        {
+            run(node.cmd("sysctl").args(["-qw", key]))?;
+        }
+        // The pod owns the whole endpoint range; both sides of its link
+        // reach each other through a fixed neighbour, without ARP.
+        node.ip(&["neigh", "add", LINK_GW, "lladdr", POD_MAC, "dev", "pod0", "nud", "permanent"])?;
+        node.ip(&["route", "add", kube_proxy::CLUSTER_CIDR, "via", LINK_GW, "dev", "pod0", "onlink"])?;
+        pod.ip(&["link", "set", "eth0", "address", POD_MAC])?;
+        pod.ip(&["neigh", "add", LINK_GW, "lladdr", GATEWAY_MAC, "dev", "eth0", "nud", "permanent"])?;
+        pod.ip(&["route", "add", "default", "via", LINK_GW, "dev", "eth0", "onlink"])?;
+        pod.ip(&["route", "add", "local", kube_proxy::CLUSTER_CIDR, "dev", "lo"])?;
+        let client_ifindex = client.enter(|| nix::net::if_::if_nametoindex("eth0"))??;
+
+        let server = (self.proto == Proto::Tcp)
+            .then(|| {
+                pod.cmd(agent_binary().with_file_name("lb-netcheck"))
+                    .args(["http-close", "8080"])
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .context("starting the pod's server")
+            })
+            .transpose()?;
+        let mut lane = Lane {
+            dataplane,
+            load: Duration::ZERO,
+            agent: None,
+            server,
+            client,
+            node,
+            pod,
+            client_ifindex,
+            _bpffs: None,
+        };
+        let started = Instant::now();
+        match dataplane {
+            Dataplane::Agent => {
+                let bpffs = Bpffs::new()?;
+                let agent = self.start_agent(&lane.node, &bpffs)?;
+                lane.agent = Some(agent);
+                lane._bpffs = Some(bpffs);
+            }
+            Dataplane::Iptables => {
+                self.attach(&lane.node, "floor_pass")?;
+                let rules = kube_proxy::iptables_rules(self.services, ENDPOINTS_PER_SERVICE, self.proto);
+                feed(&lane.node, "iptables-restore", &[], &rules)?;
+            }
+            Dataplane::Nftables => {
+                self.attach(&lane.node, "floor_pass")?;
+                let rules = kube_proxy::nft_rules(self.services, ENDPOINTS_PER_SERVICE, self.proto);
+                feed(&lane.node, "nft", &["-f", "-"], &rules)?;
+            }
+        }
+        lane.load = started.elapsed();
+        Ok(lane)
+    }
+
+    /// Seconds each lane took to load its dataplane, in `Dataplane::ALL` order.
+    pub fn load_secs(&self) -> [f64; 3] {
+        core::array::from_fn(|i| self.lanes[i].load.as_secs_f64())
+    }
+
+    fn start_agent(&self, node: &Netns, bpffs: &Bpffs) -> Result<Agent> {
+        let n = self.services;
+        let per = ENDPOINTS_PER_SERVICE;
+        let size = |x: u32| (x + 1024).next_power_of_two().to_string();
+        let (frontends, backends) = (size(n), size(n * per));
+        let manifests = self.manifests.to_string_lossy().into_owned();
+        let pin = bpffs.dir.join("lb").to_string_lossy().into_owned();
+        let args = [
+            "run",
+            "--manifests",
+            &manifests,
+            "--node-name",
+            "bench",
+            "--external-interface",
+            "eth0",
+            "--pod-interfaces",
+            "pod0",
+            "--pin-dir",
+            &pin,
+            "--max-frontends",
+            &frontends,
+            "--max-backends",
+            &backends,
+            "--max-slots",
+            &backends,
+            "--metrics-address",
+            "127.0.0.1:0",
+            "--health-address",
+            "127.0.0.1:0",
+        ];
+        let agent = Agent::start(node, &args)?;
+        let want = format!("synced frontends={n} ");
+        if wait_for(Duration::from_secs(300), || agent.log().contains(&want).then_some(())).is_none() {
+            bail!("agent did not program {n} services:\n{}", agent.log());
+        }
+        Ok(agent)
+    }
+
+    /// Attaches one of the floor programs to `eth0` in `ns`.
+    fn attach(&mut self, ns: &Netns, program: &str) -> Result<XdpLinkId> {
+        let p: &mut Xdp = self.floor.program_mut(program).context("floor program")?.try_into()?;
+        ns.enter(|| p.attach(c"eth0", XdpMode::Default))?.with_context(|| format!("attaching {program}"))
+    }
+
+    fn delivered(&self) -> Result<u64> {
+        let count: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.floor.map("floor_count").context("count")?)?;
+        Ok(count.get(&0, 0)?.iter().sum())
+    }
+
+    /// Packets per second through lane `i`: the generator sends to the
+    /// services (`flows` = 0: every frame a new flow; else that many flows,
+    /// opened before the clock starts) for at least `min` and the pod
+    /// counts what arrives.
+    pub fn pps(&mut self, i: usize, flows: u32, min: Duration) -> Result<PpsRun> {
+        ensure!(self.proto == Proto::Udp, "the generator sends UDP");
+        // The generator's template: flow 0 (service 0, the lowest source port).
+        let frame = crate::packet::udp(
+            (CLIENT.parse::<Ipv4Addr>()?.octets(), GEN_PORT_BASE),
+            (vip_of(0).octets(), 80),
+            &[0u8; 18],
+        );
+        let config = GenConfig { vip_base: vip_of(0).octets(), services: self.services, flows, _pad: 0 };
+        let mut cfg: Array<_, GenConfig> = Array::try_from(self.floor.map_mut("gen_config").context("cfg")?)?;
+        cfg.set(0, &config, 0)?;
+        let template = Template::new(&frame).context("template")?;
+        let mut t: Array<_, Template> =
+            Array::try_from(self.floor.map_mut("floor_template").context("tmpl")?)?;
+        t.set(0, &template, 0)?;
+        let pod = &self.lanes[i].pod;
+        let p: &mut Xdp = self.floor.program_mut("floor_drop").context("floor_drop")?.try_into()?;
+        let sink = pod.enter(|| p.attach(c"eth0", XdpMode::Default))??;
+
+        let gen_prog: &Xdp = self.floor.program("floor_gen").context("floor_gen")?.try_into()?;
+        let lane = &self.lanes[i];
+        let ctx = xdp_md(lane.client_ifindex, frame.len());
+        let send = |frames: u32| -> Result<()> {
+            gen_prog.test_run(TestRunOptions {
+                data_in: Some(&frame),
+                ctx_in: Some(&ctx),
+                repeat: frames,
+                attrs: TestRunAttrs::new().xdp_live_frames(64),
+                ..Default::default()
+            })?;
+            Ok(())
+        };
+        let result = lane.client.enter(|| -> Result<PpsRun> {
+            if flows > 0 {
+                send(flows)?;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let (before, soft0) = (self.delivered()?, softirq_secs()?);
+            let started = Instant::now();
+            let mut sent = 0u64;
+            while started.elapsed() < min {
+                send(GEN_BATCH)?;
+                sent += GEN_BATCH as u64;
+            }
+            let secs = started.elapsed().as_secs_f64();
+            // Whatever is still queued lands within a few milliseconds.
+            std::thread::sleep(Duration::from_millis(20));
+            let delivered = self.delivered()? - before;
+            Ok(PpsRun { sent, delivered, secs, softirq_secs: softirq_secs()? - soft0 })
+        })?;
+        let p: &mut Xdp = self.floor.program_mut("floor_drop").context("floor_drop")?.try_into()?;
+        p.detach(sink)?;
+        let run = result?;
+        ensure!(
+            run.delivered > 0,
+            "no frame reached the pod through {} ({} sent)",
+            self.lanes[i].dataplane.name(),
+            run.sent
+        );
+        Ok(run)
+    }
+
+    /// Short connections through lane `i`: `wrk` with `Connection: close`
+    /// for `secs`, four threads on four services spread over the table
+    /// (`direct`: on the first endpoint of each instead, untranslated).
+    pub fn cps(&self, i: usize, secs: u32, direct: bool) -> Result<CpsRun> {
+        ensure!(self.proto == Proto::Tcp, "wrk needs the TCP services");
+        let n = self.services;
+        let targets: Vec<String> = (0..4)
+            .map(|k| (2 * k + 1) * n / 8)
+            .map(|svc| if direct { (endpoints_of(svc, 1)[0], 8080) } else { (vip_of(svc), 80) })
+            .map(|(addr, port)| format!("{{ \"{addr}\", \"{port}\" }}"))
+            .collect();
+        let script = self.manifests.join("wrk.lua");
+        std::fs::write(
+            &script,
+            format!(
+                "local targets = {{ {} }}\nlocal next = 0\nfunction setup(thread)\n  next = next + 1\n  \
+                 local t = targets[next]\n  thread.addr = wrk.lookup(t[1], t[2])[1]\nend\n\
+                 wrk.headers[\"Connection\"] = \"close\"\n",
+                targets.join(", ")
+            ),
+        )?;
+        let lane = &self.lanes[i];
+        let soft0 = softirq_secs()?;
+        let out = run(lane.client.cmd("wrk").args([
+            "-t4",
+            "-c64",
+            &format!("-d{secs}s"),
+            "--latency",
+            "-s",
+            &script.to_string_lossy(),
+            &format!("http://{}/", vip_of(0)),
+        ]))?;
+        let softirq = softirq_secs()? - soft0;
+        parse_wrk(&out, softirq).with_context(|| format!("wrk through {}:\n{out}", lane.dataplane.name()))
+    }
+
+    /// Seconds the netfilter lane `i` takes to apply kube-proxy's update for
+    /// one endpoint of service `svc` replaced (`round` picks a fresh address).
+    pub fn rule_change(&self, i: usize, svc: u32, round: u32) -> Result<Duration> {
+        let old = endpoints_of(svc, ENDPOINTS_PER_SERVICE);
+        let mut new = old.clone();
+        new[0] = Ipv4Addr::new(10, 200, (round / 250) as u8, (round % 250) as u8 + 1);
+        let lane = &self.lanes[i];
+        let started = Instant::now();
+        match lane.dataplane {
+            Dataplane::Iptables => {
+                let change = kube_proxy::iptables_change(self.services, svc, self.proto, &old, &new);
+                feed(&lane.node, "iptables-restore", &["--noflush"], &change)?;
+            }
+            Dataplane::Nftables => {
+                feed(&lane.node, "nft", &["-f", "-"], &kube_proxy::nft_change(svc, self.proto, &old, &new))?
+            }
+            Dataplane::Agent => bail!("the agent's endpoint changes are timed by bench::control_plane"),
+        }
+        let took = started.elapsed();
+        // Back to the original endpoints, untimed, so every round starts alike.
+        match lane.dataplane {
+            Dataplane::Iptables => {
+                let back = kube_proxy::iptables_change(self.services, svc, self.proto, &new, &old);
+                feed(&lane.node, "iptables-restore", &["--noflush"], &back)?;
+            }
+            _ => feed(&lane.node, "nft", &["-f", "-"], &kube_proxy::nft_change(svc, self.proto, &new, &old))?,
+        }
+        Ok(took)
+    }
+}
+
+/// Runs `program args` in `ns` with `input` on stdin.
+fn feed(ns: &Netns, program: &str, args: &[&str], input: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut child = ns
+        .cmd(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {program}"))?;
+    child.stdin.take().context("stdin")?.write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{program} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn xdp_md(ifindex: u32, len: usize) -> [u8; 24] {
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(len as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+/// Softirq time of all CPUs so far, from the `cpu` line of /proc/stat.
+pub fn softirq_secs() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("/proc/stat is empty")?;
+    let ticks: u64 = line.split_whitespace().nth(7).context("softirq field")?.parse()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks as f64 / hz)
+}
+
+/// Requests/sec (each a new connection), latency p50/p99 and errors from
+/// `wrk --latency` output.
+fn parse_wrk(out: &str, softirq_secs: f64) -> Result<CpsRun> {
+    let field = |prefix: &str| out.lines().map(str::trim).find_map(|l| l.strip_prefix(prefix)).map(str::trim);
+    let cps: f64 = field("Requests/sec:").context("no Requests/sec")?.parse()?;
+    let connections: u64 = out
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .context("no request count")?
+        .parse()?;
+    let p50 = duration_ms(field("50%").context("no p50")?)?;
+    let p99 = duration_ms(field("99%").context("no p99")?)?;
+    let mut errors = 0;
+    if let Some(e) = field("Socket errors:") {
+        errors +=
+            e.split(',').filter_map(|kv| kv.split_whitespace().nth(1)?.parse::<u64>().ok()).sum::<u64>();
+    }
+    if let Some(e) = field("Non-2xx or 3xx responses:") {
+        errors += e.parse::<u64>()?;
+    }
+    Ok(CpsRun { cps, p50_ms: p50, p99_ms: p99, errors, softirq_secs, connections })
+}
+
+/// wrk's durations: `812.00us`, `1.23ms`, `2.00s`.
+fn duration_ms(s: &str) -> Result<f64> {
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).context("duration without unit")?;
+    let (v, unit) = s.split_at(split);
+    let v: f64 = v.parse()?;
+    Ok(match unit {
+        "us" => v / 1000.0,
+        "ms" => v,
+        "s" => v * 1000.0,
+        "m" => v * 60_000.0,
+        other => bail!("unknown unit {other}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_output_is_read() {
+        let out = "Running 3s test @ http://10.96.0.0/\n  4 threads and 64 connections\n  Thread Stats   Avg      Stdev     Max   +/- Stdev\n    Latency     2.10ms    1.00ms  20.00ms   90.00%\n  Latency Distribution\n     50%  812.00us\n     75%    2.00ms\n     90%    3.00ms\n     99%    1.20s\n  30000 requests in 3.00s, 2.00MB read\n  Socket errors: connect 0, read 3, write 0, timeout 1\nRequests/sec:  10000.50\nTransfer/sec:    1.00MB\n";
+        let r = parse_wrk(out, 0.5).unwrap();
+        assert_eq!((r.cps, r.connections, r.errors), (10000.5, 30000, 4));
+        assert_eq!((r.p50_ms, r.p99_ms), (0.812, 1200.0));
+    }
+}
