@@ -2,7 +2,7 @@
 //! maps equal to what the source says until told to stop.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -19,7 +19,7 @@ use crate::{
     attach,
     loader::{self, Capacities},
     maps::Maps,
-    model::{Desired, NodeInfo, desired_state},
+    model::{Desired, HealthCheck, Model, NodeInfo, desired_state},
     reconciler::{self, NodeSettings, Reconciler},
     sources::{kubernetes::KubeSource, manifests},
     telemetry::{HealthCheckServers, Telemetry},
@@ -80,6 +80,7 @@ struct Agent {
     ebpf: Ebpf,
     maps: Maps,
     reconciler: Reconciler,
+    model: Model,
     node: NodeInfo,
     settings: NodeSettings,
     pods: BTreeSet<String>,
@@ -103,16 +104,20 @@ pub async fn run(opts: Options) -> Result<()> {
     .into();
     let telemetry = Telemetry::new(opts.pin_dir.clone(), attached, capacities);
     crate::telemetry::serve(telemetry.clone(), opts.metrics_address, opts.health_address).await?;
-    let (source_tx, mut source_rx) = mpsc::channel::<()>(1);
+    // `changed`: the source has something new to read. `settling`: a
+    // manifest is being written; it is read once closed or renamed into
+    // place (`changed`), or after SETTLE for writers that keep it open.
+    let (changed_tx, mut changed_rx) = mpsc::channel::<()>(1);
+    let (settling_tx, mut settling_rx) = mpsc::channel::<()>(1);
     let mut _watcher = None;
     let source = match &opts.source {
         SourceKind::Manifests(path) => {
-            _watcher = Some(watch_path(path, source_tx)?);
+            _watcher = Some(watch_path(path, changed_tx, settling_tx)?);
             Source::Manifests(manifests::Folder::new(path))
         }
         SourceKind::Kubernetes { kubeconfig } => {
             let client = kube_client(kubeconfig.as_deref()).await?;
-            let source = KubeSource::start(client, &opts.node_name, source_tx);
+            let source = KubeSource::start(client, &opts.node_name, changed_tx);
             info!("waiting for the first full list of Services, EndpointSlices and this Node");
             source.ready().await.context("first sync from the API server")?;
             Source::Kubernetes(source)
@@ -143,20 +148,27 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     agent.attach_pods();
     // The first full sync: stale entries of an earlier run are pruned only now.
-    if let Some(desired) = agent.sync() {
-        health_checks.update(&desired.health_checks).await;
+    if let Some(checks) = agent.sync() {
+        health_checks.update(&checks).await;
     }
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
-            Some(()) = source_rx.recv() => {
-                // Writers touch a file in a quick burst (create, write,
-                // rename): let it settle.
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                while source_rx.try_recv().is_ok() {}
-                if let Some(desired) = agent.sync() {
-                    health_checks.update(&desired.health_checks).await;
+            Some(()) = changed_rx.recv() => {
+                while settling_rx.try_recv().is_ok() {}
+                if let Some(checks) = agent.sync() {
+                    health_checks.update(&checks).await;
+                }
+            }
+            Some(()) = settling_rx.recv() => {
+                tokio::select! {
+                    Some(()) = changed_rx.recv() => {}
+                    _ = tokio::time::sleep(SETTLE) => {}
+                }
+                while changed_rx.try_recv().is_ok() || settling_rx.try_recv().is_ok() {}
+                if let Some(checks) = agent.sync() {
+                    health_checks.update(&checks).await;
                 }
             }
             Some(()) = links_rx.recv() => agent.attach_pods(),
@@ -221,6 +233,7 @@ impl Agent {
             ebpf,
             maps,
             reconciler,
+            model: Model::default(),
             node,
             settings,
             pods: BTreeSet::new(),
@@ -228,19 +241,25 @@ impl Agent {
         })
     }
 
-    /// Reads the source and brings the maps in line with it; the desired
-    /// state when that worked.
-    fn sync(&mut self) -> Option<Desired> {
+    /// Reads the source and brings the maps in line with it; the health
+    /// check ports to serve when that worked.
+    fn sync(&mut self) -> Option<BTreeMap<u16, HealthCheck>> {
         let started = Instant::now();
         let (desired, errors) = match &mut self.source {
             Source::Manifests(folder) => {
                 let (state, errors) = folder.refresh();
-                (desired_state(state, &self.node), errors)
+                (self.model.desired(state, &self.node), errors)
             }
-            Source::Kubernetes(k) => (desired_state(&k.snapshot(), &self.node), Vec::new()),
+            Source::Kubernetes(k) => (self.model.desired(&k.snapshot(), &self.node), Vec::new()),
         };
-        self.report(&errors, &desired);
-        if let Err(e) = self.apply(&desired) {
+        report(&mut self.reported, &errors, desired);
+        let applied = self.reconciler.plan(desired, &self.settings).and_then(|ops| {
+            for op in &ops {
+                debug!(?op, "map change");
+            }
+            reconciler::apply(&mut self.maps, &ops)
+        });
+        if let Err(e) = applied {
             self.telemetry.sync_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             error!(
                 error = format!("{e:#}"),
@@ -253,34 +272,14 @@ impl Agent {
             return None;
         }
         let s = self.reconciler.summary();
-        self.telemetry.synced(&desired, started.elapsed(), s.frontends, s.backends);
+        self.telemetry.synced(desired, started.elapsed(), s.frontends, s.backends);
         info!(
             frontends = s.frontends,
             backends = s.backends,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "synced"
         );
-        Some(desired)
-    }
-
-    fn apply(&mut self, desired: &Desired) -> Result<()> {
-        let ops = self.reconciler.plan(desired, &self.settings)?;
-        for op in &ops {
-            debug!(?op, "map change");
-        }
-        reconciler::apply(&mut self.maps, &ops)
-    }
-
-    /// Logs manifest errors and semantic notes when they change.
-    fn report(&mut self, errors: &[manifests::ManifestError], desired: &Desired) {
-        let mut lines: Vec<String> = errors.iter().map(|e| format!("manifest error: {e}")).collect();
-        lines.extend(desired.notes.iter().map(|n| format!("{}: {}", n.object, n.message)));
-        if lines != self.reported {
-            for l in &lines {
-                warn!("{l}");
-            }
-            self.reported = lines;
-        }
+        Some(desired.health_checks.clone())
     }
 
     /// Attaches TC to pod interfaces not yet served.
@@ -320,12 +319,48 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
     Ok(kube::Client::try_from(config)?)
 }
 
-/// Sends on `tx` whenever something under `path` changes.
-fn watch_path(path: &Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedWatcher> {
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| !e.kind.is_access()) {
-            let _ = tx.try_send(());
+/// Logs manifest errors and semantic notes when they differ from `reported`.
+fn report(reported: &mut Vec<String>, errors: &[manifests::ManifestError], desired: &Desired) {
+    let mut lines: Vec<String> = errors.iter().map(|e| format!("manifest error: {e}")).collect();
+    lines.extend(desired.notes.iter().map(|n| format!("{}: {}", n.object, n.message)));
+    if lines != *reported {
+        for l in &lines {
+            warn!("{l}");
         }
+        *reported = lines;
+    }
+}
+
+/// How long a manifest being written may stay open before it is read anyway.
+const SETTLE: Duration = Duration::from_millis(50);
+
+/// Watches the manifests at `path`: sends on `changed` when a manifest was
+/// closed after writing, renamed or removed, on `settling` when one is
+/// being created or written.
+fn watch_path(
+    path: &Path,
+    changed: mpsc::Sender<()>,
+    settling: mpsc::Sender<()>,
+) -> Result<notify::RecommendedWatcher> {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    let single = path.is_file().then(|| path.to_path_buf());
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        // Editors' swap files and writers' temporary files do not count.
+        let ours = |p: &std::path::PathBuf| match &single {
+            Some(file) => p == file,
+            None => manifests::is_manifest(p),
+        };
+        if !event.paths.iter().any(ours) {
+            return;
+        }
+        let _ = match event.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(_))
+            | EventKind::Remove(_) => changed.try_send(()),
+            EventKind::Access(_) => return,
+            _ => settling.try_send(()),
+        };
     })?;
     // Editors replace files by renaming: watch the folder, not the file.
     let dir = if path.is_dir() { path } else { path.parent().unwrap_or(Path::new(".")) };

@@ -1,11 +1,17 @@
 //! kube-proxy's semantics as a pure function: Services and EndpointSlices,
 //! plus this node's identity, in; the frontends and backends the dataplane
 //! must hold, out. No I/O here, so it is tested with golden files.
+//!
+//! Each Service is derived on its own (`derive`), then all are merged in
+//! name order, where clashes between Services are settled (`merge`). The
+//! agent keeps a `Model`, which derives again only the Services whose
+//! objects changed.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt::Write as _,
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use ipnet::Ipv4Net;
@@ -37,11 +43,13 @@ pub struct NodeInfo {
     pub addresses: Vec<Ipv4Addr>,
 }
 
-/// Everything the sources currently know, keyed by `namespace/name`.
+/// Everything the sources currently know, keyed by `namespace/name`. Shared
+/// objects: an unchanged object keeps its allocation from one state to the
+/// next, which lets `Model` skip it cheaply.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterState {
-    pub services: BTreeMap<ObjectRef, Service>,
-    pub slices: BTreeMap<ObjectRef, EndpointSlice>,
+    pub services: BTreeMap<ObjectRef, Arc<Service>>,
+    pub slices: BTreeMap<ObjectRef, Arc<EndpointSlice>>,
 }
 
 /// A pod endpoint as the dataplane sees it.
@@ -91,7 +99,9 @@ pub struct HealthCheck {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub frontends: BTreeMap<FrontendKey, DesiredFrontend>,
+    /// Shared with the `Model` that derived them: an unchanged frontend is
+    /// the same allocation from one state to the next.
+    pub frontends: BTreeMap<FrontendKey, Arc<DesiredFrontend>>,
     /// healthCheckNodePort → what to answer there.
     pub health_checks: BTreeMap<u16, HealthCheck>,
     pub notes: Vec<Note>,
@@ -108,56 +118,260 @@ struct Endpoint {
 
 /// The dataplane state kube-proxy's rules would give `state` on `node`.
 pub fn desired_state(state: &ClusterState, node: &NodeInfo) -> Desired {
-    let mut desired = Desired::default();
-    let slices = slices_by_service(state, &mut desired.notes);
-    for (name, svc) in &state.services {
-        let empty = Vec::new();
-        service(name, svc, slices.get(name).unwrap_or(&empty), node, &mut desired);
+    Model::default().desired(state, node).clone()
+}
+
+/// `desired_state`, kept up to date between calls at the cost of what
+/// changed: objects are compared with those of the last call (by allocation,
+/// then by value), only the Services whose objects changed are derived
+/// again, and only the frontends they claim are settled again.
+#[derive(Debug, Default)]
+pub struct Model {
+    node: NodeInfo,
+    services: BTreeMap<ObjectRef, Memo>,
+    slices: BTreeMap<ObjectRef, SliceEntry>,
+    /// Each Service's slices, by slice name.
+    by_service: HashMap<ObjectRef, BTreeMap<ObjectRef, Arc<EndpointSlice>>>,
+    /// Every Service that asks for a frontend (or health check port); the
+    /// first by name holds it, as when kube-proxy walks them in order.
+    claims: HashMap<FrontendKey, BTreeSet<ObjectRef>>,
+    health_claims: HashMap<u16, BTreeSet<ObjectRef>>,
+    desired: Desired,
+}
+
+#[derive(Debug)]
+struct Memo {
+    service: Arc<Service>,
+    out: Derived,
+}
+
+#[derive(Debug)]
+struct SliceEntry {
+    slice: Arc<EndpointSlice>,
+    /// The Service it belongs to, or why it is ignored.
+    owner: Result<ObjectRef, Option<String>>,
+}
+
+fn same<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
+}
+
+/// Walks two maps sorted by the same keys together: `f(key, old, new)` for
+/// every key in either whose value differs (`same` says how).
+fn diff<'a, A, B>(
+    old: &'a BTreeMap<ObjectRef, A>,
+    new: &'a BTreeMap<ObjectRef, B>,
+    same: impl Fn(&A, &B) -> bool,
+    mut f: impl FnMut(&'a ObjectRef, Option<&'a A>, Option<&'a B>),
+) {
+    let (mut o, mut n) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        match (o.peek(), n.peek()) {
+            (None, None) => break,
+            (Some((ko, vo)), Some((kn, vn))) if ko == kn => {
+                if !same(vo, vn) {
+                    f(ko, Some(vo), Some(vn));
+                }
+                o.next();
+                n.next();
+            }
+            (Some((ko, vo)), Some((kn, _))) if ko < kn => {
+                f(ko, Some(vo), None);
+                o.next();
+            }
+            (Some((ko, vo)), None) => {
+                f(ko, Some(vo), None);
+                o.next();
+            }
+            (_, Some((kn, vn))) => {
+                f(kn, None, Some(vn));
+                n.next();
+            }
+        }
     }
-    desired.notes.sort();
-    desired.notes.dedup();
-    desired
+}
+
+impl Model {
+    pub fn desired(&mut self, state: &ClusterState, node: &NodeInfo) -> &Desired {
+        if *node != self.node {
+            *self = Self { node: node.clone(), ..Default::default() };
+        }
+        // Services to derive again: changed themselves, or their slices did.
+        let mut dirty: BTreeSet<ObjectRef> = BTreeSet::new();
+        let mut slice_changes = Vec::new();
+        diff(
+            &self.slices,
+            &state.slices,
+            |e, s| same(&e.slice, s),
+            |name, old, new| slice_changes.push((name.clone(), old.map(|e| e.owner.clone()), new.cloned())),
+        );
+        for (name, old_owner, new) in slice_changes {
+            if let Some(Ok(service)) = old_owner {
+                if let Some(slices) = self.by_service.get_mut(&service) {
+                    slices.remove(&name);
+                }
+                dirty.insert(service);
+            }
+            match new {
+                Some(slice) => {
+                    let owner = slice_owner(&slice);
+                    if let Ok(service) = &owner {
+                        self.by_service
+                            .entry(service.clone())
+                            .or_default()
+                            .insert(name.clone(), slice.clone());
+                        dirty.insert(service.clone());
+                    }
+                    self.slices.insert(name, SliceEntry { slice, owner });
+                }
+                None => {
+                    self.slices.remove(&name);
+                }
+            }
+        }
+        diff(
+            &self.services,
+            &state.services,
+            |m, s| same(&m.service, s),
+            |name, _, _| {
+                dirty.insert(name.clone());
+            },
+        );
+
+        let mut touched = BTreeSet::new();
+        let mut touched_ports = BTreeSet::new();
+        for name in dirty {
+            if let Some(old) = self.services.remove(&name) {
+                for (key, _) in &old.out.frontends {
+                    release(&mut self.claims, *key, &name);
+                    touched.insert(*key);
+                }
+                if let Some((port, _)) = old.out.health_check {
+                    release(&mut self.health_claims, port, &name);
+                    touched_ports.insert(port);
+                }
+            }
+            let Some(service) = state.services.get(&name) else { continue };
+            let slices: Vec<Arc<EndpointSlice>> =
+                self.by_service.get(&name).map(|s| s.values().cloned().collect()).unwrap_or_default();
+            let out = derive(&name, service, &slices, node);
+            for (key, _) in &out.frontends {
+                self.claims.entry(*key).or_default().insert(name.clone());
+                touched.insert(*key);
+            }
+            if let Some((port, _)) = out.health_check {
+                self.health_claims.entry(port).or_default().insert(name.clone());
+                touched_ports.insert(port);
+            }
+            self.services.insert(name, Memo { service: service.clone(), out });
+        }
+        self.by_service.retain(|_, slices| !slices.is_empty());
+
+        for key in touched {
+            match self.claims.get(&key).and_then(|c| c.first()) {
+                Some(holder) => {
+                    let fe = self.services[holder].out.frontend(&key).expect("a claim has its frontend");
+                    self.desired.frontends.insert(key, fe.clone());
+                }
+                None => {
+                    self.desired.frontends.remove(&key);
+                }
+            }
+        }
+        for port in touched_ports {
+            match self.health_claims.get(&port).and_then(|c| c.first()) {
+                Some(holder) => {
+                    let check = self.services[holder].out.health_check.as_ref().expect("claimed").1.clone();
+                    self.desired.health_checks.insert(port, check);
+                }
+                None => {
+                    self.desired.health_checks.remove(&port);
+                }
+            }
+        }
+        self.desired.notes = self.notes();
+        &self.desired
+    }
+
+    /// Every object's notes, and one for each frontend or health check port
+    /// a Service asks for but another holds.
+    fn notes(&self) -> Vec<Note> {
+        let mut notes: Vec<Note> = self
+            .slices
+            .iter()
+            .filter_map(|(name, e)| match &e.owner {
+                Err(Some(message)) => Some(Note { object: name.clone(), message: message.clone() }),
+                _ => None,
+            })
+            .collect();
+        for memo in self.services.values() {
+            notes.extend(memo.out.notes.iter().cloned());
+        }
+        for (key, claims) in self.claims.iter().filter(|(_, c)| c.len() > 1) {
+            let holder = claims.first().expect("claimed");
+            let held = self.services[holder].out.frontend(key).expect("a claim has its frontend");
+            for other in claims.iter().skip(1) {
+                let fe = self.services[other].out.frontend(key).expect("a claim has its frontend");
+                notes.push(Note {
+                    object: other.clone(),
+                    message: format!(
+                        "{} {} is already used by {holder} ({}): not programmed",
+                        fe.kind.as_str(),
+                        frontend_str(key),
+                        held.kind.as_str()
+                    ),
+                });
+            }
+        }
+        for (port, claims) in self.health_claims.iter().filter(|(_, c)| c.len() > 1) {
+            let holder = claims.first().expect("claimed");
+            let held = &self.services[holder].out.health_check.as_ref().expect("claimed").1;
+            for other in claims.iter().skip(1) {
+                notes.push(Note {
+                    object: other.clone(),
+                    message: format!(
+                        "healthCheckNodePort {port} is already served for {}/{}",
+                        held.namespace, held.name
+                    ),
+                });
+            }
+        }
+        notes.sort();
+        notes.dedup();
+        notes
+    }
+}
+
+fn release<K: std::hash::Hash + Eq>(claims: &mut HashMap<K, BTreeSet<ObjectRef>>, key: K, name: &str) {
+    if let Some(c) = claims.get_mut(&key) {
+        c.remove(name);
+        if c.is_empty() {
+            claims.remove(&key);
+        }
+    }
 }
 
 fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
     meta.labels.as_ref()?.get(key).map(String::as_str)
 }
 
-fn slices_by_service<'a>(
-    state: &'a ClusterState,
-    notes: &mut Vec<Note>,
-) -> BTreeMap<ObjectRef, Vec<&'a EndpointSlice>> {
-    let mut by_service: BTreeMap<ObjectRef, Vec<&EndpointSlice>> = BTreeMap::new();
-    for (name, slice) in &state.slices {
-        let meta = &slice.metadata;
-        if label(meta, LABEL_PROXY_NAME).is_some() || label(meta, LABEL_HEADLESS).is_some() {
-            continue;
-        }
-        let Some(service) = label(meta, LABEL_SERVICE_NAME) else {
-            notes.push(Note {
-                object: name.clone(),
-                message: format!("no {LABEL_SERVICE_NAME} label: ignored"),
-            });
-            continue;
-        };
-        match slice.address_type.as_str() {
-            "IPv4" => {}
-            "IPv6" => {
-                notes.push(Note {
-                    object: name.clone(),
-                    message: "IPv6 endpoints wait for the IPv6 dataplane: not programmed".into(),
-                });
-                continue;
-            }
-            other => {
-                notes.push(Note { object: name.clone(), message: format!("addressType {other}: ignored") });
-                continue;
-            }
-        }
-        let ns = meta.namespace.as_deref().unwrap_or("default");
-        by_service.entry(format!("{ns}/{service}")).or_default().push(slice);
+/// The Service a slice serves (`namespace/name`), or why it is left out:
+/// another proxy's or a headless service's (silently), or a note.
+fn slice_owner(slice: &EndpointSlice) -> Result<ObjectRef, Option<String>> {
+    let meta = &slice.metadata;
+    if label(meta, LABEL_PROXY_NAME).is_some() || label(meta, LABEL_HEADLESS).is_some() {
+        return Err(None);
     }
-    by_service
+    let Some(service) = label(meta, LABEL_SERVICE_NAME) else {
+        return Err(Some(format!("no {LABEL_SERVICE_NAME} label: ignored")));
+    };
+    match slice.address_type.as_str() {
+        "IPv4" => {}
+        "IPv6" => return Err(Some("IPv6 endpoints wait for the IPv6 dataplane: not programmed".into())),
+        other => return Err(Some(format!("addressType {other}: ignored"))),
+    }
+    let ns = meta.namespace.as_deref().unwrap_or("default");
+    Ok(format!("{ns}/{service}"))
 }
 
 fn protocol(p: Option<&str>) -> Result<u8, String> {
@@ -171,7 +385,7 @@ fn protocol(p: Option<&str>) -> Result<u8, String> {
 
 /// The endpoints of the service port named `port_name`, matched by name and
 /// protocol to the slices' ports, which carry the resolved target port.
-fn endpoints(slices: &[&EndpointSlice], port_name: &str, proto: u8, node: &NodeInfo) -> Vec<Endpoint> {
+fn endpoints(slices: &[Arc<EndpointSlice>], port_name: &str, proto: u8, node: &NodeInfo) -> Vec<Endpoint> {
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for slice in slices {
@@ -216,8 +430,28 @@ fn usable<'a>(eps: impl Iterator<Item = &'a Endpoint> + Clone) -> Vec<DesiredBac
     ready
 }
 
-fn service(name: &str, svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo, d: &mut Desired) {
-    let note = |d: &mut Desired, message: String| d.notes.push(Note { object: name.to_string(), message });
+/// What one Service asks for, before clashes with other Services are settled.
+#[derive(Debug, Default)]
+struct Derived {
+    frontends: Vec<(FrontendKey, Arc<DesiredFrontend>)>,
+    health_check: Option<(u16, HealthCheck)>,
+    notes: Vec<Note>,
+}
+
+impl Derived {
+    fn frontend(&self, key: &FrontendKey) -> Option<&Arc<DesiredFrontend>> {
+        self.frontends.iter().find(|(k, _)| k == key).map(|(_, fe)| fe)
+    }
+}
+
+fn derive(name: &str, svc: &Service, slices: &[Arc<EndpointSlice>], node: &NodeInfo) -> Derived {
+    let mut d = Derived::default();
+    service(name, svc, slices, node, &mut d);
+    d
+}
+
+fn service(name: &str, svc: &Service, slices: &[Arc<EndpointSlice>], node: &NodeInfo, d: &mut Derived) {
+    let note = |d: &mut Derived, message: String| d.notes.push(Note { object: name.to_string(), message });
     if let Some(proxy) = label(&svc.metadata, LABEL_PROXY_NAME) {
         note(d, format!("handled by service proxy {proxy:?}: skipped"));
         return;
@@ -237,7 +471,7 @@ fn service(name: &str, svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo
     if cluster_ips.contains(&"None") {
         return; // headless: DNS only
     }
-    let v4 = |d: &mut Desired, what: &str, ip: &str| -> Option<Ipv4Addr> {
+    let v4 = |d: &mut Derived, what: &str, ip: &str| -> Option<Ipv4Addr> {
         match ip.parse::<std::net::IpAddr>() {
             Ok(std::net::IpAddr::V4(a)) => Some(a),
             Ok(std::net::IpAddr::V6(_)) => {
@@ -328,20 +562,19 @@ fn service(name: &str, svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo
                 local_only: local_policy && any_usable,
             }
         };
-        let add = |d: &mut Desired, key: FrontendKey, fe: DesiredFrontend| match d.frontends.get(&key) {
-            Some(other) => d.notes.push(Note {
-                object: name.to_string(),
-                message: format!(
+        // A Service naming one frontend twice keeps the first.
+        let add = |d: &mut Derived, key: FrontendKey, fe: DesiredFrontend| match d.frontend(&key) {
+            Some(other) => {
+                let message = format!(
                     "{} {} is already used by {} ({}): not programmed",
                     fe.kind.as_str(),
                     frontend_str(&key),
                     other.service,
                     other.kind.as_str()
-                ),
-            }),
-            None => {
-                d.frontends.insert(key, fe);
+                );
+                d.notes.push(Note { object: name.to_string(), message });
             }
+            None => d.frontends.push((key, Arc::new(fe))),
         };
         for ip in &cluster_ips {
             add(
@@ -375,20 +608,11 @@ fn service(name: &str, svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo
         && external_local
         && let Some(port) = health_port
     {
-        add_health_check(d, name, svc, port, local_ready.len());
+        let namespace = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let service = svc.metadata.name.clone().unwrap_or_default();
+        d.health_check =
+            Some((port, HealthCheck { namespace, name: service, local_endpoints: local_ready.len() }));
     }
-}
-
-fn add_health_check(d: &mut Desired, name: &str, svc: &Service, port: u16, local_endpoints: usize) {
-    if let Some(other) = d.health_checks.get(&port) {
-        let message =
-            format!("healthCheckNodePort {port} is already served for {}/{}", other.namespace, other.name);
-        d.notes.push(Note { object: name.to_string(), message });
-        return;
-    }
-    let namespace = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-    let service = svc.metadata.name.clone().unwrap_or_default();
-    d.health_checks.insert(port, HealthCheck { namespace, name: service, local_endpoints });
 }
 
 pub fn frontend_str(key: &FrontendKey) -> String {

@@ -11,7 +11,10 @@
 //! backend's slot is refilled (with an addition, or the last slot) before
 //! the count shrinks, so one endpoint change is O(1) writes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapError, PerCpuValues, lpm_trie::Key};
@@ -65,7 +68,7 @@ struct ProgrammedFrontend {
     ranges: BTreeSet<Ipv4Net>,
     /// What was last applied (none after adoption): an equal desired
     /// frontend needs no work at all.
-    desired: Option<DesiredFrontend>,
+    desired: Option<Arc<DesiredFrontend>>,
 }
 
 /// The reconciler's record of what the maps hold.
@@ -127,7 +130,8 @@ impl Reconciler {
 
         // Only frontends that differ from what was last applied need work,
         // so one endpoint change costs that frontend, not the whole table.
-        let changed: Vec<(&FrontendKey, &DesiredFrontend)> = desired
+        // (Shared frontends compare by pointer first: unchanged ones are free.)
+        let changed: Vec<(&FrontendKey, &Arc<DesiredFrontend>)> = desired
             .frontends
             .iter()
             .filter(|(k, fe)| self.frontends.get(k).and_then(|p| p.desired.as_ref()) != Some(fe))
@@ -212,7 +216,12 @@ impl Reconciler {
         }
     }
 
-    fn plan_frontend(&mut self, key: FrontendKey, fe: &DesiredFrontend, ops: &mut Vec<Op>) -> Result<()> {
+    fn plan_frontend(
+        &mut self,
+        key: FrontendKey,
+        fe: &Arc<DesiredFrontend>,
+        ops: &mut Vec<Op>,
+    ) -> Result<()> {
         let want: Vec<u32> =
             fe.backends.iter().map(|b| self.backends[&backend_key(b, key.proto)].0).collect();
         let affinity = fe.affinity_timeout.is_some();
@@ -459,7 +468,7 @@ mod tests {
         let mut d = Desired::default();
         d.frontends.insert(
             FrontendKey::new([10, 96, 0, 10], 80, IPPROTO_TCP),
-            DesiredFrontend {
+            Arc::new(DesiredFrontend {
                 service: "default/web".into(),
                 port_name: String::new(),
                 kind: FrontendKind::ClusterIp,
@@ -468,7 +477,7 @@ mod tests {
                 affinity_timeout: None,
                 source_ranges: vec![],
                 local_only: false,
-            },
+            }),
         );
         d
     }
@@ -530,18 +539,22 @@ mod tests {
     fn a_shared_backend_stays_while_any_frontend_names_it() {
         let mut r = Reconciler::new();
         let mut both = desired(&[1, 2]);
-        let mut second = both.frontends.values().next().unwrap().clone();
+        let mut second = (**both.frontends.values().next().unwrap()).clone();
         second.service = "default/other".into();
-        both.frontends.insert(FrontendKey::new([10, 96, 0, 11], 80, IPPROTO_TCP), second.clone());
+        both.frontends.insert(FrontendKey::new([10, 96, 0, 11], 80, IPPROTO_TCP), Arc::new(second.clone()));
         r.plan(&both, &node()).unwrap();
         assert_eq!(r.summary(), Summary { frontends: 2, backends: 2 });
         // The first frontend drops backend 2; the second still names it.
         let mut d = both.clone();
-        d.frontends.get_mut(&FrontendKey::new([10, 96, 0, 10], 80, IPPROTO_TCP)).unwrap().backends.pop();
+        Arc::make_mut(d.frontends.get_mut(&FrontendKey::new([10, 96, 0, 10], 80, IPPROTO_TCP)).unwrap())
+            .backends
+            .pop();
         let ops = r.plan(&d, &node()).unwrap();
         assert!(!ops.iter().any(|o| matches!(o, Op::DelBackend(_))), "{ops:#?}");
         // Now the second drops it too.
-        d.frontends.get_mut(&FrontendKey::new([10, 96, 0, 11], 80, IPPROTO_TCP)).unwrap().backends.pop();
+        Arc::make_mut(d.frontends.get_mut(&FrontendKey::new([10, 96, 0, 11], 80, IPPROTO_TCP)).unwrap())
+            .backends
+            .pop();
         let ops = r.plan(&d, &node()).unwrap();
         assert_eq!(ops.iter().filter(|o| matches!(o, Op::DelBackend(_))).count(), 1, "{ops:#?}");
         assert_eq!(r.summary().backends, 1);

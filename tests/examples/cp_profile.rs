@@ -4,7 +4,7 @@ use std::{collections::BTreeSet, time::Instant};
 use lb_common::Config;
 use lb_tests::bench::{Proto, endpoints_of, service_yaml, write_manifests};
 use lb_userspace::{
-    model::{NodeInfo, desired_state},
+    model::{Model, NodeInfo},
     reconciler::{NodeSettings, Reconciler},
     sources::manifests::Folder,
 };
@@ -22,12 +22,13 @@ fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     let (state, _) = folder.refresh();
     println!("first refresh {:?}", t.elapsed());
+    let mut model = Model::default();
     let t = Instant::now();
-    let desired = desired_state(state, &node);
-    println!("desired_state {:?}", t.elapsed());
+    let desired = model.desired(state, &node);
+    println!("first desired state {:?}", t.elapsed());
     let mut r = Reconciler::new();
     let t = Instant::now();
-    let ops = r.plan(&desired, &settings)?;
+    let ops = r.plan(desired, &settings)?;
     println!("first plan {:?} ({} ops)", t.elapsed(), ops.len());
     let mut eps = endpoints_of(9999, 10);
     eps[0] = [10, 200, 0, 1].into();
@@ -38,9 +39,9 @@ fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     let (state, _) = folder.refresh();
     let t1 = t.elapsed();
-    let desired = desired_state(state, &node);
+    let desired = model.desired(state, &node);
     let t2 = t.elapsed();
-    let ops = r.plan(&desired, &settings)?;
+    let ops = r.plan(desired, &settings)?;
     println!(
         "change: refresh {t1:?}, +desired {:?}, +plan {:?} ({} ops)",
         t2 - t1,

@@ -50,7 +50,7 @@ pub fn synthetic(n: u32, per: u32) -> Desired {
             .collect();
         d.frontends.insert(
             FrontendKey::new(vip.octets(), 80, IPPROTO_TCP),
-            DesiredFrontend {
+            std::sync::Arc::new(DesiredFrontend {
                 service: format!("bench/svc-{i}"),
                 port_name: String::new(),
                 kind: FrontendKind::ClusterIp,
@@ -59,7 +59,7 @@ pub fn synthetic(n: u32, per: u32) -> Desired {
                 affinity_timeout: None,
                 source_ranges: vec![],
                 local_only: false,
-            },
+            }),
         );
     }
     d

@@ -66,9 +66,8 @@ impl KubeSource {
     }
 
     pub fn snapshot(&self) -> ClusterState {
-        let services =
-            self.services.state().iter().map(|s| (object_ref(&s.metadata), (**s).clone())).collect();
-        let slices = self.slices.state().iter().map(|s| (object_ref(&s.metadata), (**s).clone())).collect();
+        let services = self.services.state().into_iter().map(|s| (object_ref(&s.metadata), s)).collect();
+        let slices = self.slices.state().into_iter().map(|s| (object_ref(&s.metadata), s)).collect();
         ClusterState { services, slices }
     }
 

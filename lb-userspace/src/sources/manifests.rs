@@ -11,6 +11,7 @@ use std::{
     collections::BTreeMap,
     fmt,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use k8s_openapi::{
@@ -59,13 +60,17 @@ pub fn manifest_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(path)? {
         let p = entry?.path();
-        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
-        if p.is_file() && matches!(ext, "yaml" | "yml" | "json") {
+        if p.is_file() && is_manifest(&p) {
             files.push(p);
         }
     }
     files.sort();
     Ok(files)
+}
+
+/// Whether a file in a manifests folder is read: `.yaml`, `.yml`, `.json`.
+pub fn is_manifest(path: &Path) -> bool {
+    matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
 }
 
 /// Reads every manifest under `path` once.
@@ -126,7 +131,7 @@ fn add_object(v: Value, report: &mut dyn FnMut(Option<String>, String), state: &
         "Endpoints" => match serde_yaml_ng::from_value::<Endpoints>(v) {
             Ok(ep) if named(&ep.metadata) => {
                 for slice in mirror(&ep) {
-                    state.slices.insert(object_ref(&slice.metadata), slice);
+                    state.slices.insert(object_ref(&slice.metadata), Arc::new(slice));
                 }
             }
             Ok(_) => report(Some(what), "metadata.name is missing".into()),
@@ -141,7 +146,7 @@ fn add_object(v: Value, report: &mut dyn FnMut(Option<String>, String), state: &
 fn insert<T>(
     v: Value,
     what: String,
-    into: &mut BTreeMap<String, T>,
+    into: &mut BTreeMap<String, Arc<T>>,
     report: &mut dyn FnMut(Option<String>, String),
 ) where
     T: DeserializeOwned + Resource + Metadata<Ty = ObjectMeta>,
@@ -149,7 +154,7 @@ fn insert<T>(
     match serde_yaml_ng::from_value::<T>(v) {
         Ok(mut obj) if obj.metadata().name.as_deref().is_some_and(|n| !n.is_empty()) => {
             obj.metadata_mut().namespace.get_or_insert_with(|| "default".into());
-            if into.insert(object_ref(obj.metadata()), obj).is_some() {
+            if into.insert(object_ref(obj.metadata()), Arc::new(obj)).is_some() {
                 report(Some(what), "defined twice: the later definition wins".into());
             }
         }
