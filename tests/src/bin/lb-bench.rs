@@ -101,12 +101,15 @@ fn main() -> Result<()> {
     writeln!(md, "## 1. Per-packet cost of `lb_xdp` (live frames)\n")?;
     writeln!(
         md,
-        "Method: `BPF_PROG_TEST_RUN` in live-frames mode (each frame re-initialised from the input, the action \
-         really carried out) on a veth in a private namespace whose peer runs an XDP program that drops, so XDP_TX \
-         frames are delivered and cost nothing further. Each service has 10 remote backends; the flow measured belongs to a service in the \
-         middle of the table. For each service count the load balancer and the floors run alternately, {} rounds \
-         of {} frames; the table gives medians in ns per frame. *Established*: DNAT + SNAT (remote backend) + \
-         FIB lookup + XDP_TX. *Reply*: the backend's reply translated back + XDP_TX. *Floor TX*: parse \
+        "Method: `BPF_PROG_TEST_RUN` in live-frames mode (the program's action really carried out) on a veth in \
+         a private namespace whose peer runs `floor_restore`: XDP_TX frames are delivered, written back to the \
+         input frame and dropped. Live frames recycle their pages with whatever was written into them, so without \
+         that write-back a program that rewrites packets is measured on its own output after the first 64 \
+         frames (here: the not-a-service path). Each service has 10 remote backends; the flow measured belongs to \
+         a service in the middle of the table. For each service count, after a warm-up round, the load balancer \
+         and the floors run alternately, {} rounds of {} frames; the table gives medians in ns per frame, the \
+         peer's work included (the same for the floor TX). *Established*: DNAT + SNAT (remote backend) + FIB \
+         lookup + XDP_TX. *Reply*: the backend's reply translated back + XDP_TX. *Floor TX*: parse \
          Ethernet/IPv4/TCP, swap MACs, XDP_TX. *Floor PASS*: XDP_PASS to the namespace stack.\n",
         plan.rounds, plan.frames
     )?;
@@ -421,11 +424,19 @@ fn main() -> Result<()> {
 
 /// What limits the goals that are missed, as far as measured. Written by
 /// hand from the measurements; the figures in the table are the run's.
-const LIMITS: &str = "What limits the missed ones, as far as measured: the established path does a conntrack \
-lookup, a backend-liveness lookup, the rewrite and a FIB lookup per packet (caching the next hop in the \
-conntrack entry would remove the last). An endpoint change re-derives the desired state from every Service \
-(`cargo run --release -p lb-tests --example cp_profile`: ~35 ms at 10,000 Services) while planning and writing \
-the difference takes ~3 ms. RSS holds every Service and EndpointSlice object parsed.\n";
+const LIMITS: &str = "What limits the missed ones, as far as measured:\n\n\
+- *Established flow vs the floor*: per packet the program does a conntrack lookup, a backend-liveness \
+lookup, the per-service counters, the rewrite and a FIB lookup; caching the next hop in the conntrack entry \
+would remove the last.\n\
+- *pps with established flows*: the backends are pods on this node, so after the XDP rewrite every packet \
+still goes through the node's stack to the pod's veth (XDP_PASS); what the agent saves against kube-proxy \
+is the per-packet netfilter work, not the forwarding. Handing packets to the pod without the stack (a \
+redirect into the pod's veth) is the next step for that path. With a new flow per packet, where \
+iptables walks KUBE-SERVICES, the goal is met by far.\n\
+- *RSS*: the agent holds every parsed Service and EndpointSlice (k8s-openapi structs, a few KiB per slice \
+of 10 endpoints); a compact form of endpoints kept by the sources would shrink it.\n\
+- *Connections per second*: client, server and forwarding share two cores; the ceiling column is the same \
+load without any service translation, and run-to-run spread is several percent.\n";
 
 fn kilo(v: f64) -> String {
     format!("{:.1}k", v / 1000.0)
