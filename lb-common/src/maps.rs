@@ -221,6 +221,42 @@ pub mod ct_timeout {
     /// `last_seen` is refreshed at most this often, to keep the entry's cache
     /// line out of the per-packet write path.
     pub const REFRESH: u64 = SEC;
+    /// A cached next hop is looked up in the FIB again after this long, so
+    /// route and neighbour changes reach established flows.
+    pub const NEXT_HOP: u64 = SEC;
+}
+
+/// Slots of the next-hop cache (`lb_next_hops`, per CPU).
+pub const NEXT_HOP_SLOTS: u32 = 256;
+
+/// A recent answer of the FIB for packets XDP sends back out (XDP_TX): the
+/// next hop towards `daddr` arriving on `ifindex`. Kept per CPU in a small
+/// direct-mapped table (`next_hop_slot`), so established packets skip the
+/// lookup; zero `ifindex`: empty.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    pub ifindex: u32,
+    pub daddr: [u8; 4],
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub _pad: u32,
+    /// `CLOCK_MONOTONIC` nanoseconds after which the FIB is asked again.
+    pub until: u64,
+}
+
+impl NextHop {
+    pub const fn answers(&self, ifindex: u32, daddr: [u8; 4], now: u64) -> bool {
+        self.ifindex != 0
+            && self.ifindex == ifindex
+            && u32::from_ne_bytes(self.daddr) == u32::from_ne_bytes(daddr)
+            && now < self.until
+    }
+}
+
+/// The cache slot of `daddr`: Fibonacci hashing to 8 bits.
+pub const fn next_hop_slot(daddr: [u8; 4]) -> u32 {
+    u32::from_be_bytes(daddr).wrapping_mul(0x9E37_79B1) >> 24
 }
 
 /// One direction of a tracked flow: how to rewrite its packets.
@@ -407,6 +443,7 @@ mod pod {
     unsafe impl aya::Pod for SlotKey {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for AffinityMatchKey {}
@@ -430,6 +467,7 @@ mod tests {
         assert_eq!(size_of::<SourceRangeKey>(), 8);
         assert_eq!(size_of::<CtEntry>(), 4 + 4 + 2 + 2 + 4 + 4 + 4 + 8 + 1 + 1 + 6);
         assert_eq!(size_of::<Frontend>(), 16);
+        assert_eq!(size_of::<NextHop>(), 32);
         assert_eq!(size_of::<Backend>(), 8);
     }
 
@@ -448,5 +486,25 @@ mod tests {
         let k = CtKey::new([1, 1, 1, 1], [2, 2, 2, 2], 10, 20, IPPROTO_UDP);
         assert_eq!(k.reversed(), CtKey::new([2, 2, 2, 2], [1, 1, 1, 1], 20, 10, IPPROTO_UDP));
         assert_eq!(k.reversed().reversed(), k);
+    }
+
+    #[test]
+    fn next_hop_slots_spread_neighbouring_addresses() {
+        let mut used = [false; NEXT_HOP_SLOTS as usize];
+        for i in 0..64u8 {
+            used[next_hop_slot([10, 244, 1, i]) as usize] = true;
+        }
+        let distinct = used.iter().filter(|u| **u).count();
+        assert!(distinct > 48, "{distinct} distinct slots for 64 addresses");
+    }
+
+    #[test]
+    fn a_next_hop_answers_only_its_destination_until_it_expires() {
+        let hop = NextHop { ifindex: 2, daddr: [10, 0, 0, 1], until: 100, ..Default::default() };
+        assert!(hop.answers(2, [10, 0, 0, 1], 99));
+        assert!(!hop.answers(2, [10, 0, 0, 1], 100));
+        assert!(!hop.answers(3, [10, 0, 0, 1], 0));
+        assert!(!hop.answers(2, [10, 0, 0, 2], 0));
+        assert!(!NextHop::default().answers(0, [0; 4], 0));
     }
 }

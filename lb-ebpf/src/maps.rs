@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityEntry, AffinityKey, AffinityMatchKey, Backend, Config, CtEntry, CtKey, Frontend, FrontendKey,
-    SlotKey, SourceRangeKey, SvcStats, capacity as cap,
+    NEXT_HOP_SLOTS, NextHop, SlotKey, SourceRangeKey, SvcStats, capacity as cap,
 };
 
 #[btf_map(name = "lb_services", pin_by_name)]
@@ -22,6 +22,10 @@ pub static LB_SLOTS: HashMap<SlotKey, u32, { cap::SLOTS as usize }> = HashMap::n
 
 #[btf_map(name = "lb_conntrack", pin_by_name)]
 pub static LB_CONNTRACK: LruHashMap<CtKey, CtEntry, { cap::CONNTRACK as usize }> = LruHashMap::new();
+
+/// A cache, private to each program load (not pinned).
+#[btf_map(name = "lb_next_hops")]
+pub static LB_NEXT_HOPS: PerCpuArray<NextHop, { NEXT_HOP_SLOTS as usize }> = PerCpuArray::new();
 
 #[btf_map(name = "lb_affinity", pin_by_name)]
 pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { cap::AFFINITY as usize }> =

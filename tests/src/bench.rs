@@ -32,7 +32,9 @@ use crate::{
 
 pub const NODE: [u8; 4] = [192, 0, 2, 11];
 pub const CLIENT: [u8; 4] = [192, 0, 2, 100];
-const NEXT_HOP: &str = "192.0.2.12";
+/// Where the Wire routes the synthetic backends, and that hop's MAC.
+pub const NEXT_HOP: &str = "192.0.2.12";
+pub const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x12];
 
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -84,12 +86,15 @@ impl Wire {
         // A node forwards; the FIB helper refuses otherwise.
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         ns.ip(&["link", "add", "name", "ext0", "type", "veth", "peer", "name", "ext1"])?;
-        for (i, a) in [("ext0", "192.0.2.11/24"), ("ext1", "192.0.2.100/24")] {
-            ns.ip(&["addr", "add", a, "dev", i])?;
+        // The client's address is not local here (ext1 has none), so replies
+        // to it are routed, like the requests, back out of ext0.
+        ns.ip(&["addr", "add", "192.0.2.11/24", "dev", "ext0"])?;
+        for i in ["ext0", "ext1"] {
             ns.ip(&["link", "set", i, "up"])?;
         }
         // Remote pods via a neighbour on ext0 (a permanent entry: nobody answers ARP here).
-        ns.ip(&["neigh", "add", NEXT_HOP, "lladdr", "02:00:00:00:00:12", "dev", "ext0", "nud", "permanent"])?;
+        let mac = NEXT_HOP_MAC.map(|b| format!("{b:02x}")).join(":");
+        ns.ip(&["neigh", "add", NEXT_HOP, "lladdr", &mac, "dev", "ext0", "nud", "permanent"])?;
         ns.ip(&[
             "neigh",
             "replace",
@@ -152,6 +157,20 @@ pub fn live(p: &Xdp, frame: &[u8], ifindex: u32, frames: u32) -> Result<f64> {
     Ok(r.duration.as_nanos() as f64)
 }
 
+/// One plain run with `ingress` as the receiving interface (so the FIB
+/// helper works), from a thread inside its namespace: (action, frame out).
+pub fn run_on(p: &Xdp, frame: &[u8], ingress: u32) -> Result<(u32, Vec<u8>)> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = p.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(&xdp_md(ingress, frame.len())),
+        ..Default::default()
+    })?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.return_value, out))
+}
+
 /// One plain run: (action, ns).
 pub fn single(p: &Xdp, frame: &[u8]) -> Result<(u32, f64)> {
     let mut out = vec![0u8; frame.len() + 256];
@@ -197,7 +216,8 @@ pub struct PacketCosts {
     pub reply: f64,
     pub floor_tx: f64,
     pub floor_pass: f64,
-    pub established_action: u32,
+    /// XDP actions of an established packet and of a reply (both XDP_TX).
+    pub actions: (u32, u32),
 }
 
 /// Live-frames medians for one service count, floors measured alongside.
@@ -211,19 +231,13 @@ pub fn packet_costs(wire: &Wire, floor: &Ebpf, n: u32, frames: u32, rounds: usiz
     let syn = tcp((CLIENT, 40000), (vip, 80), "S", b"");
     let est = tcp((CLIENT, 40000), (vip, 80), "A", b"");
     let other = tcp((CLIENT, 40000), ([192, 0, 2, 50], 80), "A", b"");
-    let (est_action, reply) = wire.ns.enter(|| -> Result<(u32, Vec<u8>)> {
-        let (action, _) = single(p, &syn)?;
-        let _ = action;
-        let mut out = vec![0u8; syn.len() + 64];
-        let r = p.test_run(TestRunOptions {
-            data_in: Some(&est),
-            data_out: Some(&mut out),
-            ctx_in: Some(&xdp_md(wire.ifindex, est.len())),
-            ..Default::default()
-        })?;
-        out.truncate(r.data_size_out as usize);
+    let (actions, reply) = wire.ns.enter(|| -> Result<((u32, u32), Vec<u8>)> {
+        single(p, &syn)?;
+        let (action, out) = run_on(p, &est, wire.ifindex)?;
         let seen = crate::packet::parse_checked(&out);
-        Ok((r.return_value, tcp(seen.dst, seen.src, "A", b"")))
+        let reply = tcp(seen.dst, seen.src, "A", b"");
+        let (reply_action, _) = run_on(p, &reply, wire.ifindex)?;
+        Ok(((action, reply_action), reply))
     })??;
     let (mut a, mut b, mut c, mut d, mut e) = (vec![], vec![], vec![], vec![], vec![]);
     wire.ns.enter(|| -> Result<()> {
@@ -251,7 +265,7 @@ pub fn packet_costs(wire: &Wire, floor: &Ebpf, n: u32, frames: u32, rounds: usiz
         reply: median(c),
         floor_tx: median(d),
         floor_pass: median(e),
-        established_action: est_action,
+        actions,
     })
 }
 

@@ -1,9 +1,13 @@
 //! Packet-in / packet-out tests of the real XDP and TC programs through
 //! BPF_PROG_TEST_RUN, with the maps programmed as the agent would. Needs root.
 
-use lb_common::{CtKey, Drop, FrontendKey, FrontendKind, IPPROTO_TCP, IPPROTO_UDP, ct_flags, frontend_flags};
+use aya::maps::PerCpuArray;
+use lb_common::{
+    CtKey, Drop, FrontendKey, FrontendKind, IPPROTO_TCP, IPPROTO_UDP, NextHop, ct_flags, frontend_flags,
+};
 use lb_tests::{
     bed::{Be, Bed, NODE_ADDR},
+    bench::{self, NEXT_HOP, NEXT_HOP_MAC, Wire},
     packet::{self, parse_checked, parse_port_unreachable, tcp, udp},
 };
 
@@ -460,4 +464,54 @@ fn programs_log_rejects_and_drops() {
         lines.iter().any(|l| l.contains("tc reject") && l.contains("10.244.1.5:40000")),
         "the reject was logged: {lines:?}"
     );
+}
+
+/// A source-NATed flow is sent back out by the next hop the FIB gave for its
+/// destination, cached per CPU; once the cache runs out the FIB is asked
+/// again, and a changed neighbour is followed. (In a namespace with a route
+/// and a neighbour, so the FIB helper answers; runs pinned to CPU 0, whose
+/// cache is the one read.)
+#[test]
+fn translated_packets_reuse_the_cached_next_hop() {
+    lb_tests::require_root();
+    let wire = Wire::new().expect("namespace with a route to the backends");
+    let (mut lb, _) = bench::load_lb(1, 1).expect("load the dataplane");
+    let mut cache: PerCpuArray<_, NextHop> =
+        PerCpuArray::try_from(lb.ebpf.take_map("lb_next_hops").expect("lb_next_hops")).unwrap();
+    let program: &aya::programs::Xdp = lb.ebpf.program("lb_xdp").unwrap().try_into().unwrap();
+    let vip = bench::vip_of(0).octets();
+    let backend = bench::endpoints_of(0, 1)[0].octets();
+    let slot = lb_common::next_hop_slot(backend);
+    let send = |flags: &str| {
+        let frame = tcp((bench::CLIENT, 40000), (vip, 80), flags, b"");
+        let (action, out) = wire
+            .ns
+            .enter(|| {
+                let mut cpu0 = nix::sched::CpuSet::new();
+                cpu0.set(0).unwrap();
+                nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu0).unwrap();
+                bench::run_on(program, &frame, wire.ifindex)
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(action, XDP_TX, "routed back out of the ingress interface");
+        <[u8; 6]>::try_from(&out[..6]).unwrap()
+    };
+
+    assert_eq!(send("S"), NEXT_HOP_MAC);
+    let cached = cache.get(&slot, 0).unwrap()[0];
+    assert_eq!((cached.ifindex, cached.daddr, cached.dmac), (wire.ifindex, backend, NEXT_HOP_MAC));
+
+    // The neighbour moves; the cached answer still applies for now.
+    let moved = [0x02, 0, 0, 0, 0, 0x13];
+    let mac = moved.map(|b| format!("{b:02x}")).join(":");
+    wire.ns.ip(&["neigh", "replace", NEXT_HOP, "lladdr", &mac, "dev", "ext0", "nud", "permanent"]).unwrap();
+    assert_eq!(send("A"), NEXT_HOP_MAC);
+
+    // Expired, the FIB is asked again and the new neighbour is used.
+    let expired: Vec<NextHop> =
+        cache.get(&slot, 0).unwrap().iter().map(|hop| NextHop { until: 0, ..*hop }).collect();
+    cache.set(slot, aya::maps::PerCpuValues::try_from(expired).unwrap(), 0).unwrap();
+    assert_eq!(send("A"), moved);
+    assert_eq!(cache.get(&slot, 0).unwrap()[0].dmac, moved);
 }
