@@ -130,12 +130,21 @@ impl Reconciler {
 
         // Only frontends that differ from what was last applied need work,
         // so one endpoint change costs that frontend, not the whole table.
-        // (Shared frontends compare by pointer first: unchanged ones are free.)
-        let changed: Vec<(&FrontendKey, &Arc<DesiredFrontend>)> = desired
-            .frontends
-            .iter()
-            .filter(|(k, fe)| self.frontends.get(k).and_then(|p| p.desired.as_ref()) != Some(fe))
-            .collect();
+        // Both tables are sorted by key: one pass finds the changed and the
+        // gone, and shared frontends compare by pointer first.
+        let mut changed: Vec<(&FrontendKey, &Arc<DesiredFrontend>)> = Vec::new();
+        let mut gone: Vec<FrontendKey> = Vec::new();
+        let mut programmed = self.frontends.iter().peekable();
+        for (key, fe) in &desired.frontends {
+            while let Some((k, _)) = programmed.next_if(|(k, _)| *k < key) {
+                gone.push(*k);
+            }
+            match programmed.next_if(|(k, _)| *k == key) {
+                Some((_, p)) if p.desired.as_ref() == Some(fe) => {}
+                _ => changed.push((key, fe)),
+            }
+        }
+        gone.extend(programmed.map(|(k, _)| *k));
 
         // Backends first: every endpoint the changed frontends name.
         let mut named: BTreeMap<BackendKey, Backend> = BTreeMap::new();
@@ -173,8 +182,6 @@ impl Reconciler {
         }
 
         // Then what is gone, in reverse: frontends, their slots, backends.
-        let gone: Vec<FrontendKey> =
-            self.frontends.keys().filter(|k| !desired.frontends.contains_key(k)).copied().collect();
         for key in gone {
             let fe = self.frontends.remove(&key).expect("listed above");
             for k in fe.desired.iter().flat_map(|d| refs_of(d, key.proto)) {

@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use crate::{
     maps::Maps,
-    model::{Desired, HealthCheck, frontend_str},
+    model::{Desired, DesiredFrontend, HealthCheck, frontend_str},
 };
 
 /// Sync results, shared between the agent loop and the HTTP servers.
@@ -42,7 +42,8 @@ pub struct Telemetry {
     pub backends: AtomicU64,
     sync_seconds: Mutex<Histogram>,
     /// Frontend → (service, kind), for metric labels.
-    names: Mutex<BTreeMap<FrontendKey, (String, FrontendKind)>>,
+    /// What each frontend belongs to, for the labels (shared with the model).
+    names: Mutex<BTreeMap<FrontendKey, Arc<DesiredFrontend>>>,
     capacities: BTreeMap<&'static str, u32>,
 }
 
@@ -73,8 +74,7 @@ impl Telemetry {
         self.sync_seconds.lock().expect("lock").observe(elapsed.as_secs_f64());
         self.frontends.store(frontends as u64, Ordering::Relaxed);
         self.backends.store(backends as u64, Ordering::Relaxed);
-        let names = desired.frontends.iter().map(|(k, f)| (*k, (f.service.clone(), f.kind))).collect();
-        *self.names.lock().expect("lock") = names;
+        *self.names.lock().expect("lock") = desired.frontends.clone();
         self.ready.store(true, Ordering::Relaxed);
     }
 
@@ -94,7 +94,7 @@ impl Telemetry {
         for entry in maps.services.iter() {
             let (key, fe) = entry?;
             let (service, kind) =
-                names.get(&key).map(|(s, k)| (s.clone(), k.as_str())).unwrap_or_else(|| {
+                names.get(&key).map(|f| (f.service.clone(), f.kind.as_str())).unwrap_or_else(|| {
                     ("unknown".into(), FrontendKind::from_u8(fe.kind).map_or("?", |k| k.as_str()))
                 });
             let labels: Labels = vec![

@@ -36,6 +36,39 @@ pub const CLIENT: [u8; 4] = [192, 0, 2, 100];
 pub const NEXT_HOP: &str = "192.0.2.12";
 pub const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x12];
 
+/// Waits (at most `max`) until the machine is idle: under 10% of its CPU
+/// time busy over half a second. Tearing down namespaces with large rule
+/// sets or many closed connections keeps the kernel busy for a while after
+/// they are gone, which would slow whatever is measured next.
+pub fn wait_quiet(max: Duration) -> Result<Duration> {
+    fn sample() -> Result<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .context("/proc/stat is empty")?
+            .split_whitespace()
+            .skip(1)
+            .map(str::parse)
+            .collect::<Result<_, _>>()?;
+        // idle and iowait are the 4th and 5th fields.
+        let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+        Ok((fields.iter().sum(), idle))
+    }
+    let started = Instant::now();
+    while started.elapsed() < max {
+        let (total0, idle0) = sample()?;
+        std::thread::sleep(Duration::from_millis(500));
+        let (total1, idle1) = sample()?;
+        let total = (total1 - total0).max(1);
+        let busy = total.saturating_sub(idle1 - idle0);
+        if (busy as f64) / (total as f64) < 0.10 {
+            break;
+        }
+    }
+    Ok(started.elapsed())
+}
+
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]

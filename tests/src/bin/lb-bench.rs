@@ -16,6 +16,8 @@ use lb_tests::{
 };
 use lb_userspace::loader::FLOOR_OBJECT;
 
+/// Longest wait for an idle machine before a block of measurements.
+const QUIET: Duration = Duration::from_secs(60);
 const NEW_FLOWS: &str = "new flow per frame";
 const ESTABLISHED: &str = "one flow per service";
 
@@ -166,6 +168,7 @@ fn main() -> Result<()> {
     // 3 exist (their teardown keeps the kernel busy for a while); written in
     // part 4.
     eprintln!("bench: control plane");
+    bench::wait_quiet(QUIET)?;
     let cp = bench::control_plane(&wire, plan.control_services, plan.changes)?;
 
     // 2. Packets per second through a node.
@@ -185,7 +188,9 @@ fn main() -> Result<()> {
          (`floor_drop`). *New flow per frame*: no 5-tuple repeats within the run. *One flow per service*: N flows, \
          opened before the clock starts, frames round-robin over them. Each figure is the median of {rounds} runs of \
          ≥ {secs:.1} s, the three lanes alternating run by run; pps counts frames that reached the pod. Softirq is \
-         the machine's softirq CPU time (/proc/stat) per delivered packet: node and pod processing.\n",
+         the machine's softirq CPU time (/proc/stat) per delivered packet: node and pod processing. Before \
+         each block of runs the benchmark waits (up to a minute) for the machine to be idle: tearing down the \
+         previous lanes keeps the kernel busy for a while.\n",
         ipt = tool_version("iptables", "-V"),
         nft = tool_version("nft", "--version"),
         rounds = plan.lane_rounds,
@@ -199,7 +204,9 @@ fn main() -> Result<()> {
     let mut pps_at_max: Vec<(&str, [f64; 3])> = Vec::new();
     for &n in &plan.lane_services {
         eprintln!("bench: packets per second, {n} services");
+        bench::wait_quiet(QUIET)?;
         let mut lanes = Lanes::new(n, Proto::Udp)?;
+        bench::wait_quiet(QUIET)?;
         lane_loads.push((Proto::Udp, n, lanes.load_secs()));
         for (kind, flows) in [(NEW_FLOWS, 0), (ESTABLISHED, n)] {
             let mut runs: [Vec<PpsRun>; 3] = Default::default();
@@ -258,7 +265,9 @@ fn main() -> Result<()> {
     let mut rule_change: [Vec<Duration>; 2] = Default::default();
     for &n in &plan.lane_services {
         eprintln!("bench: connections per second, {n} services");
+        bench::wait_quiet(QUIET)?;
         let lanes = Lanes::new(n, Proto::Tcp)?;
+        bench::wait_quiet(QUIET)?;
         lane_loads.push((Proto::Tcp, n, lanes.load_secs()));
         let mut runs: [Vec<CpsRun>; 3] = Default::default();
         let mut ceiling = Vec::new();
