@@ -344,12 +344,17 @@ fn watch_path(
 ) -> Result<notify::RecommendedWatcher> {
     use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
     let single = path.is_file().then(|| path.to_path_buf());
+    let watched = path.to_path_buf();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
-        // Editors' swap files and writers' temporary files do not count.
-        let ours = |p: &std::path::PathBuf| match &single {
-            Some(file) => p == file,
-            None => manifests::is_manifest(p),
+        // Editors' swap files and writers' temporary files do not count;
+        // the folder itself (removed, renamed) does.
+        let ours = |p: &std::path::PathBuf| {
+            *p == watched
+                || match &single {
+                    Some(file) => p == file,
+                    None => manifests::is_manifest(p),
+                }
         };
         if !event.paths.iter().any(ours) {
             return;
