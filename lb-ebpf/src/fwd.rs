@@ -2,7 +2,10 @@
 //! remote backend) are routed straight back out of the interface they came
 //! in on when the FIB says so; everything else goes up the stack, which
 //! delivers to local pods. The FIB's answers are cached per CPU for
-//! `ct_timeout::NEXT_HOP` (`lb_next_hops`).
+//! `ct_timeout::NEXT_HOP` (`lb_next_hops`), keyed by destination and
+//! interface: this assumes destination-based routing on the external
+//! interfaces (a source or TOS routing policy would see a shared answer for
+//! up to that long).
 
 use core::mem::{size_of, zeroed};
 
