@@ -11,5 +11,6 @@ pub mod loader;
 pub mod maps;
 pub mod model;
 pub mod reconciler;
+pub mod sorted;
 pub mod sources;
 pub mod telemetry;

@@ -2,10 +2,9 @@
 //! plus this node's identity, in; the frontends and backends the dataplane
 //! must hold, out. No I/O here, so it is tested with golden files.
 //!
-//! Each Service is derived on its own (`derive`), then all are merged in
-//! name order, where clashes between Services are settled (`merge`). The
-//! agent keeps a `Model`, which derives again only the Services whose
-//! objects changed.
+//! Each Service is derived on its own (`derive`); clashes between Services
+//! over a frontend are settled by name order. The agent keeps a `Model`,
+//! which derives again only the Services whose objects changed.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -20,6 +19,8 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use lb_common::{FrontendKey, FrontendKind, IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::sorted::diff;
 
 /// Services carrying this label belong to another proxy.
 pub const LABEL_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -154,41 +155,6 @@ struct SliceEntry {
 
 fn same<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
     Arc::ptr_eq(a, b) || a == b
-}
-
-/// Walks two maps sorted by the same keys together: `f(key, old, new)` for
-/// every key in either whose value differs (`same` says how).
-fn diff<'a, A, B>(
-    old: &'a BTreeMap<ObjectRef, A>,
-    new: &'a BTreeMap<ObjectRef, B>,
-    same: impl Fn(&A, &B) -> bool,
-    mut f: impl FnMut(&'a ObjectRef, Option<&'a A>, Option<&'a B>),
-) {
-    let (mut o, mut n) = (old.iter().peekable(), new.iter().peekable());
-    loop {
-        match (o.peek(), n.peek()) {
-            (None, None) => break,
-            (Some((ko, vo)), Some((kn, vn))) if ko == kn => {
-                if !same(vo, vn) {
-                    f(ko, Some(vo), Some(vn));
-                }
-                o.next();
-                n.next();
-            }
-            (Some((ko, vo)), Some((kn, _))) if ko < kn => {
-                f(ko, Some(vo), None);
-                o.next();
-            }
-            (Some((ko, vo)), None) => {
-                f(ko, Some(vo), None);
-                o.next();
-            }
-            (_, Some((kn, vn))) => {
-                f(kn, None, Some(vn));
-                n.next();
-            }
-        }
-    }
 }
 
 impl Model {

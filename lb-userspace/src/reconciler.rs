@@ -27,6 +27,7 @@ use lb_common::{
 use crate::{
     maps::Maps,
     model::{Desired, DesiredBackend, DesiredFrontend},
+    sorted::diff,
 };
 
 /// One write to the maps.
@@ -130,21 +131,18 @@ impl Reconciler {
 
         // Only frontends that differ from what was last applied need work,
         // so one endpoint change costs that frontend, not the whole table.
-        // Both tables are sorted by key: one pass finds the changed and the
-        // gone, and shared frontends compare by pointer first.
-        let mut changed: Vec<(&FrontendKey, &Arc<DesiredFrontend>)> = Vec::new();
+        // Shared frontends compare by pointer first: unchanged ones are free.
+        let mut changed: Vec<(FrontendKey, &Arc<DesiredFrontend>)> = Vec::new();
         let mut gone: Vec<FrontendKey> = Vec::new();
-        let mut programmed = self.frontends.iter().peekable();
-        for (key, fe) in &desired.frontends {
-            while let Some((k, _)) = programmed.next_if(|(k, _)| *k < key) {
-                gone.push(*k);
-            }
-            match programmed.next_if(|(k, _)| *k == key) {
-                Some((_, p)) if p.desired.as_ref() == Some(fe) => {}
-                _ => changed.push((key, fe)),
-            }
-        }
-        gone.extend(programmed.map(|(k, _)| *k));
+        diff(
+            &self.frontends,
+            &desired.frontends,
+            |programmed, fe| programmed.desired.as_ref() == Some(fe),
+            |key, _, fe| match fe {
+                Some(fe) => changed.push((*key, fe)),
+                None => gone.push(*key),
+            },
+        );
 
         // Backends first: every endpoint the changed frontends name.
         let mut named: BTreeMap<BackendKey, Backend> = BTreeMap::new();
@@ -170,7 +168,8 @@ impl Reconciler {
         }
 
         for (key, fe) in changed {
-            let old = self.frontends.get(key).and_then(|p| p.desired.as_ref()).map(|d| refs_of(d, key.proto));
+            let old =
+                self.frontends.get(&key).and_then(|p| p.desired.as_ref()).map(|d| refs_of(d, key.proto));
             let new = refs_of(fe, key.proto);
             for k in new.difference(old.as_ref().unwrap_or(&BTreeSet::new())) {
                 *self.refs.entry(*k).or_default() += 1;
@@ -178,7 +177,7 @@ impl Reconciler {
             for k in old.iter().flat_map(|o| o.difference(&new)) {
                 self.unref(*k);
             }
-            self.plan_frontend(*key, fe, &mut ops)?;
+            self.plan_frontend(key, fe, &mut ops)?;
         }
 
         // Then what is gone, in reverse: frontends, their slots, backends.

@@ -41,20 +41,11 @@ pub const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x12];
 /// sets or many closed connections keeps the kernel busy for a while after
 /// they are gone, which would slow whatever is measured next.
 pub fn wait_quiet(max: Duration) -> Result<Duration> {
-    fn sample() -> Result<(u64, u64)> {
-        let stat = std::fs::read_to_string("/proc/stat")?;
-        let fields: Vec<u64> = stat
-            .lines()
-            .next()
-            .context("/proc/stat is empty")?
-            .split_whitespace()
-            .skip(1)
-            .map(str::parse)
-            .collect::<Result<_, _>>()?;
-        // idle and iowait are the 4th and 5th fields.
-        let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
-        Ok((fields.iter().sum(), idle))
-    }
+    // (all time, idle + iowait time) of all CPUs.
+    let sample = || -> Result<(u64, u64)> {
+        let t = cpu_ticks()?;
+        Ok((t.iter().sum(), t.get(3).copied().unwrap_or(0) + t.get(4).copied().unwrap_or(0)))
+    };
     let started = Instant::now();
     while started.elapsed() < max {
         let (total0, idle0) = sample()?;
@@ -67,6 +58,14 @@ pub fn wait_quiet(max: Duration) -> Result<Duration> {
         }
     }
     Ok(started.elapsed())
+}
+
+/// The `cpu` line of /proc/stat: user, nice, system, idle, iowait, irq,
+/// softirq, steal... in clock ticks, all CPUs together.
+pub fn cpu_ticks() -> Result<Vec<u64>> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("/proc/stat is empty")?;
+    Ok(line.split_whitespace().skip(1).map(str::parse).collect::<Result<_, _>>()?)
 }
 
 pub fn median(mut v: Vec<f64>) -> f64 {

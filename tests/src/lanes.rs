@@ -31,13 +31,13 @@ use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     Ebpf,
     maps::{Array, PerCpuArray},
-    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::floor::{GEN_PORT_BASE, GenConfig, Template};
 use lb_userspace::loader::FLOOR_OBJECT;
 
 use crate::{
-    bench::{Proto, endpoints_of, vip_of, write_manifests},
+    bench::{self, Proto, endpoints_of, vip_of, write_manifests},
     kube_proxy,
     netns::{Agent, Bpffs, Netns, agent_binary, run, unique, veth, wait_for},
     packet::{CLIENT_MAC, NODE_MAC},
@@ -310,17 +310,7 @@ impl Lanes {
 
         let gen_prog: &Xdp = self.floor.program("floor_gen").context("floor_gen")?.try_into()?;
         let lane = &self.lanes[i];
-        let ctx = xdp_md(lane.client_ifindex, frame.len());
-        let send = |frames: u32| -> Result<()> {
-            gen_prog.test_run(TestRunOptions {
-                data_in: Some(&frame),
-                ctx_in: Some(&ctx),
-                repeat: frames,
-                attrs: TestRunAttrs::new().xdp_live_frames(64),
-                ..Default::default()
-            })?;
-            Ok(())
-        };
+        let send = |frames: u32| bench::live(gen_prog, &frame, lane.client_ifindex, frames).map(|_| ());
         let result = lane.client.enter(|| -> Result<PpsRun> {
             if flows > 0 {
                 send(flows)?;
@@ -394,26 +384,26 @@ impl Lanes {
         let mut new = old.clone();
         new[0] = Ipv4Addr::new(10, 200, (round / 250) as u8, (round % 250) as u8 + 1);
         let lane = &self.lanes[i];
-        let started = Instant::now();
-        match lane.dataplane {
-            Dataplane::Iptables => {
-                let change = kube_proxy::iptables_change(self.services, svc, self.proto, &old, &new);
-                feed(&lane.node, "iptables-restore", &["--noflush"], &change)?;
-            }
-            Dataplane::Nftables => {
-                feed(&lane.node, "nft", &["-f", "-"], &kube_proxy::nft_change(svc, self.proto, &old, &new))?
-            }
-            Dataplane::Agent => bail!("the agent's endpoint changes are timed by bench::control_plane"),
-        }
-        let took = started.elapsed();
+        // The input is written first; only the command is timed.
+        let apply = |from: &[Ipv4Addr], to: &[Ipv4Addr]| -> Result<Duration> {
+            let (program, args, input): (_, &[&str], _) = match lane.dataplane {
+                Dataplane::Iptables => (
+                    "iptables-restore",
+                    &["--noflush"],
+                    kube_proxy::iptables_change(self.services, svc, self.proto, from, to),
+                ),
+                Dataplane::Nftables => {
+                    ("nft", &["-f", "-"], kube_proxy::nft_change(svc, self.proto, from, to))
+                }
+                Dataplane::Agent => bail!("the agent's endpoint changes are timed by bench::control_plane"),
+            };
+            let started = Instant::now();
+            feed(&lane.node, program, args, &input)?;
+            Ok(started.elapsed())
+        };
+        let took = apply(&old, &new)?;
         // Back to the original endpoints, untimed, so every round starts alike.
-        match lane.dataplane {
-            Dataplane::Iptables => {
-                let back = kube_proxy::iptables_change(self.services, svc, self.proto, &new, &old);
-                feed(&lane.node, "iptables-restore", &["--noflush"], &back)?;
-            }
-            _ => feed(&lane.node, "nft", &["-f", "-"], &kube_proxy::nft_change(svc, self.proto, &new, &old))?,
-        }
+        apply(&new, &old)?;
         Ok(took)
     }
 }
@@ -437,18 +427,9 @@ fn feed(ns: &Netns, program: &str, args: &[&str], input: &str) -> Result<()> {
     Ok(())
 }
 
-fn xdp_md(ifindex: u32, len: usize) -> [u8; 24] {
-    let mut ctx = [0u8; 24];
-    ctx[4..8].copy_from_slice(&(len as u32).to_ne_bytes());
-    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-    ctx
-}
-
 /// Softirq time of all CPUs so far, from the `cpu` line of /proc/stat.
 pub fn softirq_secs() -> Result<f64> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let line = stat.lines().next().context("/proc/stat is empty")?;
-    let ticks: u64 = line.split_whitespace().nth(7).context("softirq field")?.parse()?;
+    let ticks = *bench::cpu_ticks()?.get(6).context("no softirq field in /proc/stat")?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Ok(ticks as f64 / hz)
