@@ -43,8 +43,6 @@ use crate::{
     packet::{CLIENT_MAC, NODE_MAC},
 };
 
-const CLIENT: &str = "192.0.2.100";
-const NODE: &str = "192.0.2.11";
 const POD_MAC: &str = "02:00:00:00:01:01";
 const GATEWAY_MAC: &str = "ee:ee:ee:ee:ee:ee";
 /// Link-local next hop both ways between node and pod (Calico style).
@@ -166,11 +164,13 @@ impl Lanes {
         veth(&node, "pod0", &pod, "eth0")?;
         let mac = |m: [u8; 6]| m.map(|b| format!("{b:02x}")).join(":");
         client.ip(&["link", "set", "eth0", "address", &mac(CLIENT_MAC)])?;
-        client.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"])?;
-        client.ip(&["route", "add", "10.96.0.0/12", "via", NODE])?;
-        client.ip(&["route", "add", kube_proxy::CLUSTER_CIDR, "via", NODE])?;
+        let (client_addr, node_addr) =
+            (Ipv4Addr::from(bench::CLIENT), Ipv4Addr::from(bench::NODE).to_string());
+        client.ip(&["addr", "add", &format!("{client_addr}/24"), "dev", "eth0"])?;
+        client.ip(&["route", "add", "10.96.0.0/12", "via", &node_addr])?;
+        client.ip(&["route", "add", kube_proxy::CLUSTER_CIDR, "via", &node_addr])?;
         node.ip(&["link", "set", "eth0", "address", &mac(NODE_MAC)])?;
-        node.ip(&["addr", "add", &format!("{NODE}/24"), "dev", "eth0"])?;
+        node.ip(&["addr", "add", &format!("{node_addr}/24"), "dev", "eth0"])?;
         node.ip(&["link", "set", "pod0", "address", GATEWAY_MAC])?;
         for key in
             ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"]
@@ -216,12 +216,12 @@ impl Lanes {
                 lane._bpffs = Some(bpffs);
             }
             Dataplane::Iptables => {
-                self.attach(&lane.node, "floor_pass")?;
+                attach(&mut self.floor, &lane.node, "floor_pass")?;
                 let rules = kube_proxy::iptables_rules(self.services, ENDPOINTS_PER_SERVICE, self.proto);
                 feed(&lane.node, "iptables-restore", &[], &rules)?;
             }
             Dataplane::Nftables => {
-                self.attach(&lane.node, "floor_pass")?;
+                attach(&mut self.floor, &lane.node, "floor_pass")?;
                 let rules = kube_proxy::nft_rules(self.services, ENDPOINTS_PER_SERVICE, self.proto);
                 feed(&lane.node, "nft", &["-f", "-"], &rules)?;
             }
@@ -273,12 +273,6 @@ impl Lanes {
         Ok(agent)
     }
 
-    /// Attaches one of the floor programs to `eth0` in `ns`.
-    fn attach(&mut self, ns: &Netns, program: &str) -> Result<XdpLinkId> {
-        let p: &mut Xdp = self.floor.program_mut(program).context("floor program")?.try_into()?;
-        ns.enter(|| p.attach(c"eth0", XdpMode::Default))?.with_context(|| format!("attaching {program}"))
-    }
-
     fn delivered(&self) -> Result<u64> {
         let count: PerCpuArray<_, u64> =
             PerCpuArray::try_from(self.floor.map("floor_count").context("count")?)?;
@@ -292,11 +286,7 @@ impl Lanes {
     pub fn pps(&mut self, i: usize, flows: u32, min: Duration) -> Result<PpsRun> {
         ensure!(self.proto == Proto::Udp, "the generator sends UDP");
         // The generator's template: flow 0 (service 0, the lowest source port).
-        let frame = crate::packet::udp(
-            (CLIENT.parse::<Ipv4Addr>()?.octets(), GEN_PORT_BASE),
-            (vip_of(0).octets(), 80),
-            &[0u8; 18],
-        );
+        let frame = crate::packet::udp((bench::CLIENT, GEN_PORT_BASE), (vip_of(0).octets(), 80), &[0u8; 18]);
         let config = GenConfig { vip_base: vip_of(0).octets(), services: self.services, flows, _pad: 0 };
         let mut cfg: Array<_, GenConfig> = Array::try_from(self.floor.map_mut("gen_config").context("cfg")?)?;
         cfg.set(0, &config, 0)?;
@@ -304,9 +294,7 @@ impl Lanes {
         let mut t: Array<_, Template> =
             Array::try_from(self.floor.map_mut("floor_template").context("tmpl")?)?;
         t.set(0, &template, 0)?;
-        let pod = &self.lanes[i].pod;
-        let p: &mut Xdp = self.floor.program_mut("floor_drop").context("floor_drop")?.try_into()?;
-        let sink = pod.enter(|| p.attach(c"eth0", XdpMode::Default))??;
+        let sink = attach(&mut self.floor, &self.lanes[i].pod, "floor_drop")?;
 
         let gen_prog: &Xdp = self.floor.program("floor_gen").context("floor_gen")?.try_into()?;
         let lane = &self.lanes[i];
@@ -406,6 +394,12 @@ impl Lanes {
         apply(&new, &old)?;
         Ok(took)
     }
+}
+
+/// Attaches the floor object's `program` to `eth0` in `ns`.
+fn attach(floor: &mut Ebpf, ns: &Netns, program: &str) -> Result<XdpLinkId> {
+    let p: &mut Xdp = floor.program_mut(program).context("floor program")?.try_into()?;
+    ns.enter(|| p.attach(c"eth0", XdpMode::Default))?.with_context(|| format!("attaching {program}"))
 }
 
 /// Runs `program args` in `ns` with `input` on stdin.
