@@ -8,6 +8,9 @@
 pub mod csum;
 pub mod floor;
 pub mod icmp;
+pub mod l4;
 pub mod maps;
+pub mod registry;
 
+pub use l4::*;
 pub use maps::*;

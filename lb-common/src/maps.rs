@@ -1,84 +1,66 @@
-//! Map names, keys and values.
+//! Map keys and values.
 //!
 //! Every key and value is `#[repr(C)]` with explicit padding fields: a key with
 //! implicit padding bytes makes hash lookups miss. Addresses are kept as
 //! network-order byte arrays and ports in host order, so `bpftool map dump`
 //! prints them readably. IPv4 maps carry 4-byte addresses; IPv6 gets its own
 //! maps (`*6` names) with 16-byte addresses, leaving the IPv4 path unchanged.
+//! The maps themselves are listed in `registry`.
 
-/// Service frontends: `FrontendKey` → `Frontend`.
-pub const MAP_SERVICES: &str = "lb_services";
-/// Backends shared by every service that points at them: backend id → `Backend`.
-pub const MAP_BACKENDS: &str = "lb_backends";
-/// Per-frontend backend slots: `SlotKey` → backend id.
-pub const MAP_SLOTS: &str = "lb_slots";
-/// Connection tracking, both directions of every flow: `CtKey` → `CtEntry`.
-pub const MAP_CONNTRACK: &str = "lb_conntrack";
-/// ClientIP session affinity: `AffinityKey` → `AffinityEntry`.
-pub const MAP_AFFINITY: &str = "lb_affinity";
-/// Backends a frontend with affinity may still use: `AffinityMatchKey` → slot.
-pub const MAP_AFFINITY_MATCH: &str = "lb_affinity_match";
-/// loadBalancerSourceRanges: LPM trie over (frontend id, client prefix).
-pub const MAP_SOURCE_RANGES: &str = "lb_source_ranges";
-/// This node's addresses (NodePort frontends answer on them): address → flags.
-pub const MAP_NODE_ADDRS: &str = "lb_node_addrs";
-/// Per-CPU per-frontend counters, indexed by frontend id.
-pub const MAP_SVC_STATS: &str = "lb_svc_stats";
-/// Per-CPU drop counters, indexed by `Drop` reason.
-pub const MAP_DROPS: &str = "lb_drops";
-/// Single-entry runtime configuration (`Config`).
-pub const MAP_CONFIG: &str = "lb_config";
+use crate::L4;
 
-/// Every map the programs define, in the order the reconciler fills them.
-pub const ALL_MAPS: &[&str] = &[
-    MAP_CONFIG,
-    MAP_NODE_ADDRS,
-    MAP_BACKENDS,
-    MAP_SLOTS,
-    MAP_AFFINITY_MATCH,
-    MAP_SOURCE_RANGES,
-    MAP_SERVICES,
-    MAP_CONNTRACK,
-    MAP_AFFINITY,
-    MAP_SVC_STATS,
-    MAP_DROPS,
-];
-
-/// Compiled-in capacities. The agent may raise them at load time
-/// (`EbpfLoader::map_max_entries`), e.g. for 100,000-service benchmarks.
-pub mod capacity {
-    pub const SERVICES: u32 = 65_536;
-    pub const BACKENDS: u32 = 65_536;
-    pub const SLOTS: u32 = 262_144;
-    pub const CONNTRACK: u32 = 262_144;
-    pub const AFFINITY: u32 = 65_536;
-    pub const AFFINITY_MATCH: u32 = 65_536;
-    pub const SOURCE_RANGES: u32 = 16_384;
-    pub const NODE_ADDRS: u32 = 64;
-    /// Frontend ids are indexes into `lb_svc_stats`, so they stay below this.
-    pub const SVC_STATS: u32 = 262_144;
+/// Which clients a frontend serves. kube-proxy gives in-cluster clients
+/// (pods, the node itself) Cluster behaviour even where a Service's
+/// externalTrafficPolicy is Local: such a frontend has an `Internal` twin,
+/// which the pod and socket hooks look up instead (`TWO_SCOPES`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    /// Every client; the only entry of most frontends.
+    #[default]
+    External = 0,
+    /// In-cluster clients, where they are treated differently.
+    Internal = 1,
 }
 
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-pub const IPPROTO_SCTP: u8 = 132;
+impl Scope {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::External),
+            1 => Some(Self::Internal),
+            _ => None,
+        }
+    }
 
-/// A service frontend: the address, port and protocol clients connect to.
-/// NodePort frontends use the unspecified address `0.0.0.0` and match any
-/// address in `lb_node_addrs`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::External => "external",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+/// A service frontend: the address, port and protocol clients connect to,
+/// and which clients (`Scope`). NodePort frontends use the unspecified
+/// address `0.0.0.0` and match any address in `lb_node_addrs`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FrontendKey {
     pub addr: [u8; 4],
     pub port: u16,
     pub proto: u8,
-    pub _pad: u8,
+    /// A `Scope`.
+    pub scope: u8,
 }
 
 impl FrontendKey {
-    pub const fn new(addr: [u8; 4], port: u16, proto: u8) -> Self {
-        Self { addr, port, proto, _pad: 0 }
+    pub const fn new(addr: [u8; 4], port: u16, l4: L4, scope: Scope) -> Self {
+        Self { addr, port, proto: l4.proto(), scope: scope as u8 }
+    }
+
+    /// The same frontend for the other scope.
+    pub const fn with_scope(self, scope: Scope) -> Self {
+        Self { scope: scope as u8, ..self }
     }
 }
 
@@ -122,6 +104,9 @@ pub mod frontend_flags {
     /// Traffic policy Local: slots hold node-local endpoints only, and a
     /// frontend with none drops instead of rejecting.
     pub const LOCAL_ONLY: u8 = 1 << 2;
+    /// An external-scope frontend whose in-cluster clients use its
+    /// `Scope::Internal` twin instead.
+    pub const TWO_SCOPES: u8 = 1 << 3;
 }
 
 /// What a frontend resolves to. Each frontend has its own id and slot set,
@@ -210,14 +195,10 @@ pub mod ct_tcp {
     pub const RST: u8 = 1 << 2;
 }
 
-/// Idle timeouts, in nanoseconds of `CLOCK_MONOTONIC`.
+/// Conntrack clocks, in nanoseconds of `CLOCK_MONOTONIC`; idle timeouts
+/// are per protocol (`L4::idle_timeout`).
 pub mod ct_timeout {
     const SEC: u64 = 1_000_000_000;
-    /// An open TCP flow (kube-proxy sets conntrack's established timeout to 24 h).
-    pub const TCP: u64 = 86_400 * SEC;
-    /// After a FIN or RST in either direction of the entry.
-    pub const TCP_CLOSING: u64 = 10 * SEC;
-    pub const UDP: u64 = 60 * SEC;
     /// `last_seen` is refreshed at most this often, to keep the entry's cache
     /// line out of the per-packet write path.
     pub const REFRESH: u64 = SEC;
@@ -305,21 +286,18 @@ impl CtEntry {
         self.flags & ct_flags::REPLY != 0
     }
 
-    /// The idle timeout that applies to this entry.
-    pub const fn timeout(&self, proto: u8) -> u64 {
-        if proto == IPPROTO_TCP {
-            if self.tcp & (ct_tcp::FIN | ct_tcp::RST) != 0 {
-                ct_timeout::TCP_CLOSING
-            } else {
-                ct_timeout::TCP
-            }
-        } else {
-            ct_timeout::UDP
-        }
+    /// A FIN or RST was seen in this entry's direction.
+    pub const fn closing(&self) -> bool {
+        self.tcp & (ct_tcp::FIN | ct_tcp::RST) != 0
     }
 
+    /// Idle for longer than its protocol allows; an entry of a protocol we
+    /// do not know is expired.
     pub const fn expired(&self, proto: u8, now: u64) -> bool {
-        now.saturating_sub(self.last_seen) > self.timeout(proto)
+        match L4::from_proto(proto) {
+            Some(l4) => now.saturating_sub(self.last_seen) > l4.idle_timeout(self.closing()),
+            None => true,
+        }
     }
 }
 
@@ -376,7 +354,8 @@ pub struct SvcStats {
     pub new_flows: u64,
 }
 
-/// Why a packet for a service was dropped (index into `lb_drops`).
+/// Why a packet for a service was dropped (index into `lb_drops`). The
+/// numbers are stable: they are what the pinned counters are kept under.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Drop {
@@ -384,7 +363,7 @@ pub enum Drop {
     NoLocalEndpoint = 0,
     /// Client outside the frontend's loadBalancerSourceRanges.
     SourceRange = 1,
-    /// No free SNAT port for this backend.
+    /// No free SNAT port toward this backend.
     NatExhausted = 2,
     /// No endpoint: answered with ICMP port unreachable (counted, not silent).
     Rejected = 3,
@@ -392,10 +371,20 @@ pub enum Drop {
     RewriteFailed = 4,
     /// Conntrack map full (insert failed).
     ConntrackFull = 5,
+    /// A frontend's slot or its backend is missing: the maps disagree with
+    /// each other (the reconciler's write order should make this impossible).
+    NoBackend = 6,
+    /// `lb_config` is not programmed yet, so SNAT has no address.
+    NoConfig = 7,
+    /// No endpoint, and the ICMP answer could not be built (IP options,
+    /// helper failure): dropped unanswered.
+    RejectFailed = 8,
 }
 
 impl Drop {
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 9;
+    /// Slots of `lb_drops`: room for reasons to come without a layout change.
+    pub const SLOTS: u32 = 32;
     pub const ALL: [Drop; Self::COUNT as usize] = [
         Self::NoLocalEndpoint,
         Self::SourceRange,
@@ -403,6 +392,9 @@ impl Drop {
         Self::Rejected,
         Self::RewriteFailed,
         Self::ConntrackFull,
+        Self::NoBackend,
+        Self::NoConfig,
+        Self::RejectFailed,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -413,7 +405,66 @@ impl Drop {
             Self::Rejected => "rejected_no_endpoint",
             Self::RewriteFailed => "rewrite_failed",
             Self::ConntrackFull => "conntrack_full",
+            Self::NoBackend => "no_backend",
+            Self::NoConfig => "no_config",
+            Self::RejectFailed => "reject_failed",
         }
+    }
+}
+
+/// Longest namespace and Service name (a DNS label: 63 bytes) plus a NUL.
+pub const NAME_LEN: usize = 64;
+/// Longest port name (an IANA service name: 15 bytes) plus a NUL.
+pub const PORT_NAME_LEN: usize = 16;
+
+/// The Service a frontend serves (`lb_svc_names`), NUL-padded, so that an
+/// operator reading the maps sees more than addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceName {
+    pub namespace: [u8; NAME_LEN],
+    pub name: [u8; NAME_LEN],
+    pub port: [u8; PORT_NAME_LEN],
+}
+
+impl Default for ServiceName {
+    fn default() -> Self {
+        Self { namespace: [0; NAME_LEN], name: [0; NAME_LEN], port: [0; PORT_NAME_LEN] }
+    }
+}
+
+/// `s` NUL-padded into `N` bytes, cut at a character boundary to leave a NUL.
+fn padded<const N: usize>(s: &str) -> [u8; N] {
+    let mut out = [0u8; N];
+    let mut len = s.len().min(N - 1);
+    while !s.is_char_boundary(len) {
+        len -= 1;
+    }
+    out[..len].copy_from_slice(&s.as_bytes()[..len]);
+    out
+}
+
+/// The text before the first NUL.
+fn unpadded(b: &[u8]) -> &str {
+    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
+    core::str::from_utf8(&b[..end]).unwrap_or("?")
+}
+
+impl ServiceName {
+    pub fn new(namespace: &str, name: &str, port: &str) -> Self {
+        Self { namespace: padded(namespace), name: padded(name), port: padded(port) }
+    }
+
+    pub fn namespace(&self) -> &str {
+        unpadded(&self.namespace)
+    }
+
+    pub fn name(&self) -> &str {
+        unpadded(&self.name)
+    }
+
+    pub fn port(&self) -> &str {
+        unpadded(&self.port)
     }
 }
 
@@ -449,12 +500,14 @@ mod pod {
     unsafe impl aya::Pod for AffinityMatchKey {}
     unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for SvcStats {}
+    unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for Config {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{IPPROTO_TCP, IPPROTO_UDP};
     use core::mem::size_of;
 
     #[test]
@@ -469,6 +522,32 @@ mod tests {
         assert_eq!(size_of::<Frontend>(), 16);
         assert_eq!(size_of::<NextHop>(), 32);
         assert_eq!(size_of::<Backend>(), 8);
+        assert_eq!(size_of::<ServiceName>(), 144);
+    }
+
+    #[test]
+    fn service_names_round_trip_and_are_cut_safely() {
+        let n = ServiceName::new("default", "web", "http");
+        assert_eq!((n.namespace(), n.name(), n.port()), ("default", "web", "http"));
+        let long = "é".repeat(40);
+        let cut = ServiceName::new(&long, "", "");
+        assert!(cut.namespace().len() < NAME_LEN && long.starts_with(cut.namespace()));
+        assert_eq!(cut.name(), "");
+    }
+
+    #[test]
+    fn an_entry_of_an_unknown_protocol_is_expired() {
+        let e = CtEntry { last_seen: 1_000, ..Default::default() };
+        assert!(e.expired(crate::IPPROTO_ICMP, 1_000));
+        assert!(!e.expired(crate::IPPROTO_SCTP, 1_000));
+    }
+
+    #[test]
+    fn drop_reasons_fit_their_map_and_keep_their_numbers() {
+        const { assert!(Drop::COUNT <= Drop::SLOTS) };
+        for (i, d) in Drop::ALL.iter().enumerate() {
+            assert_eq!(*d as u32, i as u32);
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
-//! Connection tracking. Each flow has two entries in `LB_CONNTRACK`: one keyed
+//! Connection tracking. Each flow has two entries in `lb_conntrack`: one keyed
 //! by the request's 5-tuple, one by the reply's, each saying how to rewrite
 //! the packets of its direction. Entries expire lazily: a lookup ignores an
-//! entry idle for longer than its timeout, and the LRU reclaims it.
+//! entry idle for longer than its protocol's timeout, and the LRU reclaims it.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use lb_common::{CtEntry, CtKey, ct_tcp, ct_timeout};
 
-use crate::maps::LB_CONNTRACK;
+use crate::maps;
 
 /// `CLOCK_MONOTONIC` in nanoseconds, at tick resolution (cheap).
 #[inline(always)]
@@ -21,15 +21,12 @@ pub fn now() -> u64 {
 /// The live entry for `key`, updated with this packet's TCP flags.
 #[inline(always)]
 pub fn lookup(key: &CtKey, tcp_flags: u8, now: u64) -> Option<CtEntry> {
-    let ptr = LB_CONNTRACK.get_ptr_mut(key)?;
-    // SAFETY: the pointer is valid for this program run; a concurrent update
-    // on another CPU can at worst lose a timestamp refresh.
-    let entry = unsafe { &mut *ptr };
+    let entry = maps::conntrack_entry(key)?;
     if entry.expired(key.proto, now) {
         return None;
     }
     // A SYN on a closed flow is a new connection reusing the same ports.
-    if tcp_flags & ct_tcp::SYN != 0 && entry.tcp & (ct_tcp::FIN | ct_tcp::RST) != 0 {
+    if tcp_flags & ct_tcp::SYN != 0 && entry.closing() {
         return None;
     }
     let seen = entry.tcp | tcp_flags;
@@ -42,11 +39,11 @@ pub fn lookup(key: &CtKey, tcp_flags: u8, now: u64) -> Option<CtEntry> {
 
 #[inline(always)]
 pub fn insert(key: &CtKey, entry: &CtEntry) -> Result<(), i32> {
-    LB_CONNTRACK.insert(key, entry, BPF_ANY as u64)
+    maps::conntrack_insert(key, entry, BPF_ANY)
 }
 
 /// Inserts only if `key` is free: used to claim a SNAT port atomically.
 #[inline(always)]
 pub fn claim(key: &CtKey, entry: &CtEntry) -> bool {
-    LB_CONNTRACK.insert(key, entry, BPF_NOEXIST as u64).is_ok()
+    maps::conntrack_insert(key, entry, BPF_NOEXIST).is_ok()
 }

@@ -19,8 +19,7 @@ use lb_common::{Nat, NextHop, csum, ct_flags, ct_timeout, next_hop_slot};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
-    conntrack,
-    maps::LB_NEXT_HOPS,
+    conntrack, maps,
     parse::{Packet, ptr_at},
 };
 
@@ -42,11 +41,9 @@ pub fn xdp(ctx: &XdpContext, pkt: &Packet, e: &Nat) -> u32 {
     let ingress = ctx.ingress_ifindex() as u32;
     // SAFETY: as above.
     let daddr = unsafe { (*ip).dst_addr };
-    let Some(hop) = LB_NEXT_HOPS.get_ptr_mut(next_hop_slot(daddr)) else {
+    let Some(hop) = maps::next_hop(next_hop_slot(daddr)) else {
         return xdp_action::XDP_PASS;
     };
-    // SAFETY: a per-CPU slot, valid for this program run.
-    let hop = unsafe { &mut *hop };
     if hop.answers(ingress, daddr, conntrack::now()) {
         let Some(eth) = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0) else {
             return xdp_action::XDP_PASS;

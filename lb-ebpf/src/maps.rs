@@ -1,54 +1,130 @@
-//! The maps the programs share with the agent. Capacities are the compiled-in
-//! defaults of `lb_common::capacity`; the agent may resize them at load time
-//! and pins every map by name under its pin directory.
+//! The maps the programs share with the agent, and typed accessors for them:
+//! the rest of the crate reads and writes maps through these functions and
+//! holds no `unsafe` for it. Names and capacities come from
+//! `lb_common::registry` (a test checks the object against it); the agent
+//! may resize maps at load time and pins them under its pin directory.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    bindings::BPF_ANY,
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     macros::btf_map,
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, AffinityMatchKey, Backend, Config, CtEntry, CtKey, Frontend, FrontendKey,
-    NEXT_HOP_SLOTS, NextHop, SlotKey, SourceRangeKey, SvcStats, capacity as cap,
+    AffinityEntry, AffinityKey, AffinityMatchKey, Backend, Config, CtEntry, CtKey, Drop, Frontend,
+    FrontendKey, NextHop, ServiceName, SlotKey, SourceRangeKey, SvcStats, registry as reg,
 };
 
-#[btf_map(name = "lb_services", pin_by_name)]
-pub static LB_SERVICES: HashMap<FrontendKey, Frontend, { cap::SERVICES as usize }> = HashMap::new();
+const fn cap(m: reg::MapDef) -> usize {
+    m.capacity() as usize
+}
 
-#[btf_map(name = "lb_backends", pin_by_name)]
-pub static LB_BACKENDS: HashMap<u32, Backend, { cap::BACKENDS as usize }> = HashMap::new();
+#[btf_map(name = "lb_config")]
+pub static LB_CONFIG: Array<Config, { cap(reg::CONFIG) }> = Array::new();
 
-#[btf_map(name = "lb_slots", pin_by_name)]
-pub static LB_SLOTS: HashMap<SlotKey, u32, { cap::SLOTS as usize }> = HashMap::new();
+#[btf_map(name = "lb_node_addrs")]
+pub static LB_NODE_ADDRS: HashMap<[u8; 4], u32, { cap(reg::NODE_ADDRS) }> = HashMap::new();
 
-#[btf_map(name = "lb_conntrack", pin_by_name)]
-pub static LB_CONNTRACK: LruHashMap<CtKey, CtEntry, { cap::CONNTRACK as usize }> = LruHashMap::new();
+#[btf_map(name = "lb_backends")]
+pub static LB_BACKENDS: HashMap<u32, Backend, { cap(reg::BACKENDS) }> = HashMap::new();
 
-/// A cache, private to each program load (not pinned).
+#[btf_map(name = "lb_slots")]
+pub static LB_SLOTS: HashMap<SlotKey, u32, { cap(reg::SLOTS) }> = HashMap::new();
+
+#[btf_map(name = "lb_aff_match")]
+pub static LB_AFF_MATCH: HashMap<AffinityMatchKey, u32, { cap(reg::AFFINITY_MATCH) }> = HashMap::new();
+
+#[btf_map(name = "lb_src_ranges")]
+pub static LB_SRC_RANGES: LpmTrie<SourceRangeKey, u32, { cap(reg::SOURCE_RANGES) }> = LpmTrie::new();
+
+/// Read by operators and the agent only; the programs never look at it.
+#[btf_map(name = "lb_svc_names")]
+pub static LB_SVC_NAMES: HashMap<u32, ServiceName, { cap(reg::SERVICE_NAMES) }> = HashMap::new();
+
+#[btf_map(name = "lb_services")]
+pub static LB_SERVICES: HashMap<FrontendKey, Frontend, { cap(reg::SERVICES) }> = HashMap::new();
+
+#[btf_map(name = "lb_conntrack")]
+pub static LB_CONNTRACK: LruHashMap<CtKey, CtEntry, { cap(reg::CONNTRACK) }> = LruHashMap::new();
+
+#[btf_map(name = "lb_affinity")]
+pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { cap(reg::AFFINITY) }> = LruHashMap::new();
+
+#[btf_map(name = "lb_svc_stats")]
+pub static LB_SVC_STATS: PerCpuArray<SvcStats, { cap(reg::SVC_STATS) }> = PerCpuArray::new();
+
+#[btf_map(name = "lb_drops")]
+pub static LB_DROPS: PerCpuArray<u64, { cap(reg::DROPS) }> = PerCpuArray::new();
+
 #[btf_map(name = "lb_next_hops")]
-pub static LB_NEXT_HOPS: PerCpuArray<NextHop, { NEXT_HOP_SLOTS as usize }> = PerCpuArray::new();
+pub static LB_NEXT_HOPS: PerCpuArray<NextHop, { cap(reg::NEXT_HOPS) }> = PerCpuArray::new();
 
-#[btf_map(name = "lb_affinity", pin_by_name)]
-pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { cap::AFFINITY as usize }> =
-    LruHashMap::new();
+// SAFETY (for every read below): lookups return a pointer into the map's
+// value, valid for this program run. Values are plain data; a concurrent
+// update on another CPU can at worst be seen half-written, which the
+// reconciler's write order (slots before the count that exposes them,
+// backends before slots) keeps harmless.
 
-#[btf_map(name = "lb_affinity_match", pin_by_name)]
-pub static LB_AFFINITY_MATCH: HashMap<AffinityMatchKey, u32, { cap::AFFINITY_MATCH as usize }> =
-    HashMap::new();
+pub fn frontend(key: &FrontendKey) -> Option<Frontend> {
+    LB_SERVICES.get_ptr(key).map(|p| unsafe { *p })
+}
 
-#[btf_map(name = "lb_source_ranges", pin_by_name)]
-pub static LB_SOURCE_RANGES: LpmTrie<SourceRangeKey, u32, { cap::SOURCE_RANGES as usize }> = LpmTrie::new();
+pub fn backend(id: u32) -> Option<Backend> {
+    LB_BACKENDS.get_ptr(&id).map(|p| unsafe { *p })
+}
 
-#[btf_map(name = "lb_node_addrs", pin_by_name)]
-pub static LB_NODE_ADDRS: HashMap<[u8; 4], u32, { cap::NODE_ADDRS as usize }> = HashMap::new();
+pub fn backend_exists(id: u32) -> bool {
+    LB_BACKENDS.get_ptr(&id).is_some()
+}
 
-#[btf_map(name = "lb_svc_stats", pin_by_name)]
-pub static LB_SVC_STATS: PerCpuArray<SvcStats, { cap::SVC_STATS as usize }> = PerCpuArray::new();
+/// The backend id in slot `slot` of frontend `frontend_id`.
+pub fn slot(frontend_id: u32, slot: u32) -> Option<u32> {
+    LB_SLOTS.get_ptr(&SlotKey { frontend_id, slot }).map(|p| unsafe { *p })
+}
 
-#[btf_map(name = "lb_drops", pin_by_name)]
-pub static LB_DROPS: PerCpuArray<u64, { lb_common::Drop::COUNT as usize }> = PerCpuArray::new();
+pub fn is_node_addr(addr: &[u8; 4]) -> bool {
+    LB_NODE_ADDRS.get_ptr(addr).is_some()
+}
 
-#[btf_map(name = "lb_config", pin_by_name)]
-pub static LB_CONFIG: Array<Config, 1> = Array::new();
+pub fn config() -> Option<Config> {
+    LB_CONFIG.get(0).copied()
+}
+
+/// Whether `client` is inside one of frontend `frontend_id`'s source ranges.
+pub fn source_allowed(frontend_id: u32, client: [u8; 4]) -> bool {
+    let key = Key::new(SourceRangeKey::prefix_len(32), SourceRangeKey::new(frontend_id, client));
+    LB_SRC_RANGES.get(&key).is_some()
+}
+
+pub fn affinity(key: &AffinityKey) -> Option<AffinityEntry> {
+    LB_AFFINITY.get_ptr(key).map(|p| unsafe { *p })
+}
+
+pub fn set_affinity(key: &AffinityKey, entry: &AffinityEntry) {
+    // Best effort: a client without an entry just gets a fresh choice.
+    let _ = LB_AFFINITY.insert(key, entry, BPF_ANY as u64);
+}
+
+/// Whether `backend_id` may still be chosen by affinity on `frontend_id`.
+pub fn affinity_member(frontend_id: u32, backend_id: u32) -> bool {
+    LB_AFF_MATCH.get_ptr(&AffinityMatchKey { frontend_id, backend_id }).is_some()
+}
+
+/// The conntrack entry of `key`, to read and refresh in place.
+pub fn conntrack_entry(key: &CtKey) -> Option<&'static mut CtEntry> {
+    // SAFETY: valid for this program run; a concurrent update on another
+    // CPU can at worst lose a timestamp refresh.
+    LB_CONNTRACK.get_ptr_mut(key).map(|p| unsafe { &mut *p })
+}
+
+pub fn conntrack_insert(key: &CtKey, entry: &CtEntry, flags: u32) -> Result<(), i32> {
+    LB_CONNTRACK.insert(key, entry, flags as u64)
+}
+
+/// The per-CPU next-hop cache slot `slot`.
+pub fn next_hop(slot: u32) -> Option<&'static mut NextHop> {
+    // SAFETY: a per-CPU slot, valid for this program run.
+    LB_NEXT_HOPS.get_ptr_mut(slot).map(|p| unsafe { &mut *p })
+}
 
 /// Counts a packet against its frontend.
 #[inline(always)]
@@ -66,7 +142,7 @@ pub fn count_packet(frontend_id: u32, bytes: u32, new_flow: bool) {
 }
 
 #[inline(always)]
-pub fn count_drop(reason: lb_common::Drop) {
+pub fn count_drop(reason: Drop) {
     if let Some(c) = LB_DROPS.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *c += 1 };

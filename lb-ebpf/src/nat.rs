@@ -10,20 +10,20 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use lb_common::{IPPROTO_TCP, Nat, csum, ct_flags};
+use lb_common::{Nat, csum, ct_flags};
 use network_types::ip::Ipv4Hdr;
 
 use crate::parse::{Packet, ptr_at};
 
-const TCP_CHECK_OFF: usize = 16;
-const UDP_CHECK_OFF: usize = 6;
 const IP_CHECK_OFF: usize = 10;
 const IP_SADDR_OFF: usize = 12;
 const IP_DADDR_OFF: usize = 16;
 
+/// Where the transport checksum is; none for a protocol whose checksum
+/// cannot be updated incrementally (never parsed, so never rewritten).
 #[inline(always)]
-fn l4_check_off(pkt: &Packet) -> usize {
-    pkt.l4() + if pkt.key.proto == IPPROTO_TCP { TCP_CHECK_OFF } else { UDP_CHECK_OFF }
+fn l4_check_off(pkt: &Packet) -> Option<usize> {
+    Some(pkt.l4() + pkt.proto.csum_offset()?)
 }
 
 /// Rewrites the frame in `data..data_end` as `e` says.
@@ -31,8 +31,7 @@ fn l4_check_off(pkt: &Packet) -> usize {
 pub fn rewrite_xdp(data: usize, data_end: usize, pkt: &Packet, e: &Nat) -> Option<()> {
     let ip: *mut Ipv4Hdr = ptr_at(data, data_end, pkt.l3())?;
     let ports: *mut [u8; 4] = ptr_at(data, data_end, pkt.l4())?;
-    let check: *mut [u8; 2] = ptr_at(data, data_end, l4_check_off(pkt))?;
-    let is_udp = pkt.key.proto != IPPROTO_TCP;
+    let check: *mut [u8; 2] = ptr_at(data, data_end, l4_check_off(pkt)?)?;
     // SAFETY: all three pointers were bounds-checked above.
     unsafe {
         let l4_orig = u16::from_be_bytes(*check);
@@ -52,7 +51,7 @@ pub fn rewrite_xdp(data: usize, data_end: usize, pkt: &Packet, e: &Nat) -> Optio
             (*ip).dst_addr = e.daddr;
             (&mut *ports)[2..4].copy_from_slice(&e.dport.to_be_bytes());
         }
-        if is_udp {
+        if pkt.proto.zero_csum_means_none() {
             l4 = csum::udp_adjust(l4_orig, l4);
         }
         (*ip).check = l3.to_be_bytes();
@@ -64,8 +63,10 @@ pub fn rewrite_xdp(data: usize, data_end: usize, pkt: &Packet, e: &Nat) -> Optio
 /// Rewrites the socket buffer as `e` says, through the csum helpers.
 #[inline(always)]
 pub fn rewrite_tc(ctx: &TcContext, pkt: &Packet, e: &Nat) -> Result<(), i64> {
-    let check = l4_check_off(pkt);
-    let l4_flags = if pkt.key.proto == IPPROTO_TCP { 0 } else { BPF_F_MARK_MANGLED_0 as u64 };
+    let check = l4_check_off(pkt).ok_or(-1i64)?;
+    // MARK_MANGLED_0 keeps a zero (absent) checksum zero, and writes a
+    // computed zero as 0xffff.
+    let l4_flags = if pkt.proto.zero_csum_means_none() { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
     if e.flags & ct_flags::REWRITE_SRC != 0 {
         set_addr(ctx, pkt, pkt.l3() + IP_SADDR_OFF, check, l4_flags, pkt.key.saddr, e.saddr)?;
         set_port(ctx, pkt.l4(), check, l4_flags, pkt.key.sport, e.sport)?;

@@ -1,10 +1,11 @@
 //! Header parsing: Ethernet (with at most one 802.1Q/802.1ad tag), IPv4,
-//! TCP and UDP. Anything else, fragments, and packets too short or
-//! inconsistent to trust yield `None` and are passed untouched.
+//! TCP and UDP. Anything else (SCTP included, until its CRC32c can be
+//! rewritten), fragments, and packets too short or inconsistent to trust
+//! yield `None` and are passed untouched.
 
 use core::mem::size_of;
 
-use lb_common::{CtKey, IPPROTO_TCP, IPPROTO_UDP, ct_tcp};
+use lb_common::{CtKey, L4, ct_tcp};
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 const ETH_HLEN: usize = 14;
@@ -30,6 +31,8 @@ pub struct Packet {
     pub plain_ip: bool,
     /// The 5-tuple; ports in host order.
     pub key: CtKey,
+    /// The transport protocol of `key.proto`.
+    pub proto: L4,
     /// SYN/FIN/RST as `ct_tcp` bits (0 for UDP).
     pub tcp_flags: u8,
 }
@@ -94,8 +97,9 @@ pub fn parse(data: usize, data_end: usize, pkt_len: usize) -> Option<Packet> {
     }
     let l4 = l3 + ihl;
 
-    let (sport, dport, tcp_flags, l4_min) = match proto {
-        IPPROTO_TCP => {
+    let l4_proto = L4::from_proto(proto)?;
+    let (sport, dport, tcp_flags, l4_min) = match l4_proto {
+        L4::Tcp => {
             let tcp: *const TcpHdr = ptr_at(data, data_end, l4)?;
             let t = unsafe { &*tcp };
             let mut flags = 0;
@@ -113,12 +117,12 @@ pub fn parse(data: usize, data_end: usize, pkt_len: usize) -> Option<Packet> {
             }
             (u16::from_be_bytes(t.source), u16::from_be_bytes(t.dest), flags, (t.doff() as usize) * 4)
         }
-        IPPROTO_UDP => {
+        L4::Udp => {
             let udp: *const UdpHdr = ptr_at(data, data_end, l4)?;
             let u = unsafe { &*udp };
             (u16::from_be_bytes(u.src), u16::from_be_bytes(u.dst), 0, size_of::<UdpHdr>())
         }
-        _ => return None,
+        L4::Sctp => return None,
     };
     if (tot_len as usize) < ihl + l4_min {
         return None;
@@ -131,6 +135,7 @@ pub fn parse(data: usize, data_end: usize, pkt_len: usize) -> Option<Packet> {
         ip_len: tot_len,
         plain_ip: ihl == 20,
         key: CtKey::new(saddr, daddr, sport, dport, proto),
+        proto: l4_proto,
         tcp_flags,
     })
 }

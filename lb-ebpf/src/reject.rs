@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{__sk_buff, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action},
+    bindings::{__sk_buff, TC_ACT_REDIRECT, xdp_action},
     btf_maps::PerCpuArray,
     helpers::generated::{bpf_redirect, bpf_xdp_adjust_tail},
     macros::btf_map,
@@ -25,7 +25,7 @@ pub struct Quote {
     reply: [u8; REPLY_LEN],
 }
 
-#[btf_map(name = "lb_reject_scratch")]
+#[btf_map(name = "lb_reject_buf")]
 static SCRATCH: PerCpuArray<Quote, 1> = PerCpuArray::new();
 
 /// Builds the reply from the original headers, which `read` copies into
@@ -46,10 +46,12 @@ fn quote(pkt: &Packet, read: impl FnOnce(&mut Quote) -> Option<()>) -> Option<&'
     Some(q)
 }
 
+/// Turns the frame into the reply and sends it back out (XDP_TX); `None`
+/// when it cannot be built (IP options, a helper failure).
 #[inline(never)]
-pub fn xdp(ctx: &XdpContext, pkt: &Packet) -> u32 {
+pub fn xdp(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    let Some(q) = quote(pkt, |q| {
+    let q = quote(pkt, |q| {
         // SAFETY: each read is bounds-checked by ptr_at.
         unsafe {
             q.l2[..14].copy_from_slice(&*ptr_at::<[u8; 14]>(data, data_end, 0)?);
@@ -60,25 +62,20 @@ pub fn xdp(ctx: &XdpContext, pkt: &Packet) -> u32 {
             q.l4 = *ptr_at(data, data_end, pkt.l4())?;
         }
         Some(())
-    }) else {
-        return xdp_action::XDP_DROP;
-    };
+    })?;
     let want = pkt.l2_len() + REPLY_LEN;
     let delta = want as i32 - (data_end - data) as i32;
     // SAFETY: the context pointer is the program's own.
     if unsafe { bpf_xdp_adjust_tail(ctx.as_ptr() as *mut _, delta) } != 0 {
-        return xdp_action::XDP_DROP;
+        return None;
     }
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    let written = if pkt.l2_len() == 18 {
-        write_frame::<18>(data, data_end, q)
+    if pkt.l2_len() == 18 {
+        write_frame::<18>(data, data_end, q)?;
     } else {
-        write_frame::<14>(data, data_end, q)
-    };
-    match written {
-        Some(()) => xdp_action::XDP_TX,
-        None => xdp_action::XDP_DROP,
+        write_frame::<14>(data, data_end, q)?;
     }
+    Some(xdp_action::XDP_TX)
 }
 
 #[inline(always)]
@@ -93,9 +90,11 @@ fn write_frame<const L2: usize>(data: usize, data_end: usize, q: &Quote) -> Opti
     Some(())
 }
 
+/// Turns the socket buffer into the reply and redirects it back out of
+/// its device; `None` when it cannot be built.
 #[inline(never)]
-pub fn tc(ctx: &TcContext, pkt: &Packet) -> i32 {
-    let Some(q) = quote(pkt, |q| {
+pub fn tc(ctx: &TcContext, pkt: &Packet) -> Option<i32> {
+    let q = quote(pkt, |q| {
         // Fixed-size loads: the verifier rejects a length that could be 0.
         if pkt.l2_len() == 18 {
             q.l2 = ctx.load(0).ok()?;
@@ -105,9 +104,7 @@ pub fn tc(ctx: &TcContext, pkt: &Packet) -> i32 {
         q.ip = ctx.load(pkt.l3()).ok()?;
         q.l4 = ctx.load(pkt.l4()).ok()?;
         Some(())
-    }) else {
-        return TC_ACT_SHOT;
-    };
+    })?;
     let want = (pkt.l2_len() + REPLY_LEN) as u32;
     let stored = ctx.change_tail(want, 0).and_then(|()| {
         if pkt.l2_len() == 18 {
@@ -119,12 +116,9 @@ pub fn tc(ctx: &TcContext, pkt: &Packet) -> i32 {
         }
         ctx.store(pkt.l2_len(), &q.reply, 0)
     });
-    if stored.is_err() {
-        return TC_ACT_SHOT;
-    }
+    stored.ok()?;
     // SAFETY: the context is a socket buffer.
     let ifindex = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex };
     // Out of the same device: on a pod's host-side veth that delivers to the pod.
-    unsafe { bpf_redirect(ifindex, 0) as i32 };
-    TC_ACT_REDIRECT
+    (unsafe { bpf_redirect(ifindex, 0) } == TC_ACT_REDIRECT as i64).then_some(TC_ACT_REDIRECT)
 }

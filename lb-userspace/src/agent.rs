@@ -1,27 +1,33 @@
 //! `lb-agent run`: load (or adopt) the dataplane, attach it, and keep the
 //! maps equal to what the source says until told to stop.
+//!
+//! The loop waits for a change (the source's, or an interface's), then
+//! syncs: the node's facts and the source's state are read afresh, and the
+//! `Dataplane` writes the difference. A failed sync is retried with backoff
+//! while the maps keep their last good state. Syncs run on a worker thread
+//! of their own, so metrics, health and the watchers never wait for one.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    collections::BTreeSet,
+    net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use aya::Ebpf;
-use lb_common::Config;
-use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     attach,
+    dataplane::Dataplane,
     loader::{self, Capacities},
     maps::Maps,
-    model::{Desired, HealthCheck, Model, NodeInfo, desired_state},
-    reconciler::{self, NodeSettings, Reconciler},
-    sources::{kubernetes::KubeSource, manifests},
+    model::{NodeInfo, desired_state},
+    reconciler::NodeSettings,
+    sources::{NodeFacts, Snapshot, Source, kubernetes::KubeSource, manifests},
     telemetry::{HealthCheckServers, Telemetry},
 };
 
@@ -35,11 +41,6 @@ pub enum SourceKind {
     },
 }
 
-enum Source {
-    Manifests(manifests::Folder),
-    Kubernetes(KubeSource),
-}
-
 #[derive(Clone, Debug)]
 pub struct Options {
     pub source: SourceKind,
@@ -47,8 +48,9 @@ pub struct Options {
     pub zone: Option<String>,
     pub external_interfaces: Vec<String>,
     pub pod_interfaces: Vec<glob::Pattern>,
-    /// Explicit node addresses; else those of the external interfaces.
-    pub node_addresses: Vec<Ipv4Addr>,
+    /// Explicit node addresses; else the Node object's, else those of the
+    /// external interfaces.
+    pub node_addresses: Vec<IpAddr>,
     pub pin_dir: PathBuf,
     pub nat_ports: (u16, u16),
     pub capacities: Capacities,
@@ -59,30 +61,66 @@ pub struct Options {
 }
 
 /// IPv4 addresses of `interfaces`.
-pub fn interface_addresses(interfaces: &[String]) -> Result<Vec<Ipv4Addr>> {
+pub fn interface_addresses(interfaces: &[String]) -> Result<Vec<IpAddr>> {
     let mut out = Vec::new();
     for ifa in nix::ifaddrs::getifaddrs().context("listing addresses")? {
         if !interfaces.contains(&ifa.interface_name) {
             continue;
         }
         if let Some(sin) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
-            out.push(sin.ip());
+            out.push(sin.ip().into());
         }
     }
     Ok(out)
+}
+
+/// This node as the options, the source and the interfaces describe it now.
+pub fn node_facts(opts: &Options, facts: &NodeFacts) -> Result<(NodeInfo, NodeSettings)> {
+    let addresses = if !opts.node_addresses.is_empty() {
+        opts.node_addresses.clone()
+    } else if !facts.addresses.is_empty() {
+        facts.addresses.clone()
+    } else {
+        interface_addresses(&opts.external_interfaces)?
+    };
+    let Some(snat) = addresses.first().copied() else {
+        bail!("no node address: give --node-address or an --external-interface with an IPv4 address");
+    };
+    let settings = NodeSettings {
+        addresses: addresses.iter().copied().collect(),
+        snat_addr: snat,
+        nat_ports: opts.nat_ports,
+    };
+    let zone = opts.zone.clone().or_else(|| facts.zone.clone());
+    Ok((NodeInfo { name: opts.node_name.clone(), zone, addresses }, settings))
+}
+
+/// Waits between retries of a failed sync: doubling from 100 ms to 10 s.
+#[derive(Debug)]
+struct Backoff(Option<Duration>);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(10);
+
+    fn next(&mut self) -> Duration {
+        let d = self.0.map_or(Self::FIRST, |d| (d * 2).min(Self::MAX));
+        self.0 = Some(d);
+        d
+    }
+
+    fn reset(&mut self) {
+        self.0 = None;
+    }
 }
 
 /// The live agent: its programs, maps and what it has programmed.
 struct Agent {
     opts: Options,
     source: Source,
-    telemetry: std::sync::Arc<Telemetry>,
+    telemetry: Arc<Telemetry>,
     ebpf: Ebpf,
-    maps: Maps,
-    reconciler: Reconciler,
-    model: Model,
-    node: NodeInfo,
-    settings: NodeSettings,
+    dataplane: Dataplane<Maps>,
     pods: BTreeSet<String>,
     reported: Vec<String>,
 }
@@ -93,26 +131,14 @@ pub async fn run(opts: Options) -> Result<()> {
         .iter()
         .map(|i| attach::link_pin(&opts.pin_dir, loader::XDP_PROGRAM, i))
         .collect();
-    let caps = &opts.capacities;
-    let capacities = [
-        ("lb_services", caps.services),
-        ("lb_backends", caps.backends),
-        ("lb_slots", caps.slots),
-        ("lb_conntrack", caps.conntrack),
-        ("lb_affinity", caps.affinity),
-    ]
-    .into();
-    let telemetry = Telemetry::new(opts.pin_dir.clone(), attached, capacities);
+    let telemetry = Telemetry::new(opts.pin_dir.clone(), attached);
     crate::telemetry::serve(telemetry.clone(), opts.metrics_address, opts.health_address).await?;
-    // `changed`: the source has something new to read. `settling`: a
-    // manifest is being written; it is read once closed or renamed into
-    // place (`changed`), or after SETTLE for writers that keep it open.
+    // The source signals `changed` when it has something new to read.
     let (changed_tx, mut changed_rx) = mpsc::channel::<()>(1);
-    let (settling_tx, mut settling_rx) = mpsc::channel::<()>(1);
-    let mut _watcher = None;
+    let mut _watch = None;
     let source = match &opts.source {
         SourceKind::Manifests(path) => {
-            _watcher = Some(watch_path(path, changed_tx, settling_tx)?);
+            _watch = Some(manifests::Watch::start(path, changed_tx)?);
             Source::Manifests(manifests::Folder::new(path))
         }
         SourceKind::Kubernetes { kubeconfig } => {
@@ -138,40 +164,43 @@ pub async fn run(opts: Options) -> Result<()> {
             None
         }
     };
+    // Interfaces and addresses that come and go: pods to attach to, and
+    // node addresses to follow.
     let (links_tx, mut links_rx) = mpsc::channel::<()>(1);
-    if !agent.opts.pod_interfaces.is_empty() {
-        std::thread::spawn(move || {
-            if let Err(e) = attach::watch_links(|| links_tx.try_send(()).is_ok() || !links_tx.is_closed()) {
-                error!(error = %e, "watching interfaces failed; new pod interfaces will not be served");
-            }
-        });
-    }
+    std::thread::spawn(move || {
+        if let Err(e) = attach::watch_links(|| links_tx.try_send(()).is_ok() || !links_tx.is_closed()) {
+            error!(error = %e, "watching interfaces failed; new pod interfaces and addresses will not be followed");
+        }
+    });
     agent.attach_pods();
-    // The first full sync: stale entries of an earlier run are pruned only now.
-    if let Some(checks) = agent.sync() {
-        health_checks.update(&checks).await;
-    }
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut backoff = Backoff(None);
+    // The first full sync runs at once: stale entries of an earlier run are
+    // pruned only then.
+    let mut retry_at = Some(tokio::time::Instant::now());
     loop {
         tokio::select! {
-            Some(()) = changed_rx.recv() => {
-                while settling_rx.try_recv().is_ok() {}
-                if let Some(checks) = agent.sync() {
-                    health_checks.update(&checks).await;
+            Some(()) = changed_rx.recv() => retry_at = Some(tokio::time::Instant::now()),
+            Some(()) = links_rx.recv() => {
+                agent.attach_pods();
+                retry_at = Some(tokio::time::Instant::now());
+            }
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
+                retry_at = None;
+                match tokio::task::block_in_place(|| agent.sync()) {
+                    Ok(()) => {
+                        backoff.reset();
+                        health_checks.update(&agent.dataplane.desired().health_checks).await;
+                    }
+                    Err(e) => {
+                        agent.telemetry.sync_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let wait = backoff.next();
+                        error!(error = format!("{e:#}"), retry_in_ms = wait.as_millis() as u64, "sync failed; the maps keep their last good state");
+                        retry_at = Some(tokio::time::Instant::now() + wait);
+                    }
                 }
             }
-            Some(()) = settling_rx.recv() => {
-                tokio::select! {
-                    Some(()) = changed_rx.recv() => {}
-                    _ = tokio::time::sleep(SETTLE) => {}
-                }
-                while changed_rx.try_recv().is_ok() || settling_rx.try_recv().is_ok() {}
-                if let Some(checks) = agent.sync() {
-                    health_checks.update(&checks).await;
-                }
-            }
-            Some(()) = links_rx.recv() => agent.attach_pods(),
             Ok(mut ready) = async { ebpf_log.as_mut().expect("guarded").readable_mut().await }, if ebpf_log.is_some() => {
                 ready.get_inner_mut().flush();
                 ready.clear_ready();
@@ -185,15 +214,16 @@ pub async fn run(opts: Options) -> Result<()> {
 }
 
 impl Agent {
-    fn start(opts: Options, source: Source, telemetry: std::sync::Arc<Telemetry>) -> Result<Self> {
+    fn start(opts: Options, mut source: Source, telemetry: Arc<Telemetry>) -> Result<Self> {
+        // Fail before touching the kernel if this node cannot be described.
+        let (node, _) = node_facts(&opts, &source.snapshot().node)?;
         let mut ebpf = loader::load(&opts.pin_dir, &opts.capacities)?;
         attach::load_programs(&mut ebpf)?;
         for iface in &opts.external_interfaces {
             attach::attach_xdp(&mut ebpf, &opts.pin_dir, &opts.procfs, iface)?;
         }
-        let maps = Maps::from_ebpf(&mut ebpf)?;
-        let reconciler = Reconciler::adopt(&maps).context("adopting the pinned maps")?;
-        let adopted = reconciler.summary();
+        let dataplane = Dataplane::adopt(Maps::from_ebpf(&mut ebpf)?)?;
+        let adopted = dataplane.summary();
         if adopted.frontends > 0 {
             info!(
                 frontends = adopted.frontends,
@@ -201,85 +231,28 @@ impl Agent {
                 "adopted the maps of an earlier run"
             );
         }
-        let facts = match &source {
-            Source::Kubernetes(k) => k.node(),
-            Source::Manifests(_) => Default::default(),
-        };
-        let addresses = if !opts.node_addresses.is_empty() {
-            opts.node_addresses.clone()
-        } else if !facts.addresses.is_empty() {
-            facts.addresses.clone()
-        } else {
-            interface_addresses(&opts.external_interfaces)?
-        };
-        let Some(snat) = addresses.first() else {
-            bail!("no node address: give --node-address or an --external-interface with an IPv4 address");
-        };
-        let settings = NodeSettings {
-            addresses: addresses.iter().map(|a| a.octets()).collect(),
-            config: Config {
-                snat_addr: snat.octets(),
-                nat_port_min: opts.nat_ports.0,
-                nat_port_max: opts.nat_ports.1,
-            },
-        };
-        let zone = opts.zone.clone().or(facts.zone);
-        let node = NodeInfo { name: opts.node_name.clone(), zone, addresses };
         info!(node = %node.name, addresses = ?node.addresses, pin_dir = %opts.pin_dir.display(), "agent started");
-        Ok(Self {
-            opts,
-            source,
-            telemetry,
-            ebpf,
-            maps,
-            reconciler,
-            model: Model::default(),
-            node,
-            settings,
-            pods: BTreeSet::new(),
-            reported: Vec::new(),
-        })
+        Ok(Self { opts, source, telemetry, ebpf, dataplane, pods: BTreeSet::new(), reported: Vec::new() })
     }
 
-    /// Reads the source and brings the maps in line with it; the health
-    /// check ports to serve when that worked.
-    fn sync(&mut self) -> Option<BTreeMap<u16, HealthCheck>> {
+    /// Reads the node and the source afresh and brings the maps in line.
+    fn sync(&mut self) -> Result<()> {
         let started = Instant::now();
-        let (desired, errors) = match &mut self.source {
-            Source::Manifests(folder) => {
-                let (state, errors) = folder.refresh();
-                (self.model.desired(state, &self.node), errors)
-            }
-            Source::Kubernetes(k) => (self.model.desired(&k.snapshot(), &self.node), Vec::new()),
-        };
-        report(&mut self.reported, &errors, desired);
-        let applied = self.reconciler.plan(desired, &self.settings).and_then(|ops| {
-            for op in &ops {
-                debug!(?op, "map change");
-            }
-            reconciler::apply(&mut self.maps, &ops)
-        });
-        if let Err(e) = applied {
-            self.telemetry.sync_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            error!(
-                error = format!("{e:#}"),
-                "sync failed; re-reading the maps and retrying at the next change"
-            );
-            match Reconciler::adopt(&self.maps) {
-                Ok(r) => self.reconciler = r,
-                Err(e) => error!(error = format!("{e:#}"), "re-reading the maps failed"),
-            }
-            return None;
-        }
-        let s = self.reconciler.summary();
-        self.telemetry.synced(desired, started.elapsed(), s.frontends, s.backends);
+        let Snapshot { state, errors, node } = self.source.snapshot();
+        let (node, settings) = node_facts(&self.opts, &node)?;
+        let synced = self.dataplane.sync(&state, &node, &settings);
+        report(&mut self.reported, &errors, self.dataplane.desired());
+        let ops = synced?;
+        let s = self.dataplane.summary();
+        self.telemetry.synced(started.elapsed(), s.frontends, s.backends);
         info!(
             frontends = s.frontends,
             backends = s.backends,
+            writes = ops,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "synced"
         );
-        Some(desired.health_checks.clone())
+        Ok(())
     }
 
     /// Attaches TC to pod interfaces not yet served.
@@ -320,7 +293,7 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
 }
 
 /// Logs manifest errors and semantic notes when they differ from `reported`.
-fn report(reported: &mut Vec<String>, errors: &[manifests::ManifestError], desired: &Desired) {
+fn report(reported: &mut Vec<String>, errors: &[manifests::ManifestError], desired: &crate::model::Desired) {
     let mut lines: Vec<String> = errors.iter().map(|e| format!("manifest error: {e}")).collect();
     lines.extend(desired.notes.iter().map(|n| format!("{}: {}", n.object, n.message)));
     if lines != *reported {
@@ -331,48 +304,6 @@ fn report(reported: &mut Vec<String>, errors: &[manifests::ManifestError], desir
     }
 }
 
-/// How long a manifest being written may stay open before it is read anyway.
-const SETTLE: Duration = Duration::from_millis(50);
-
-/// Watches the manifests at `path`: sends on `changed` when a manifest was
-/// closed after writing, renamed or removed, on `settling` when one is
-/// being created or written.
-fn watch_path(
-    path: &Path,
-    changed: mpsc::Sender<()>,
-    settling: mpsc::Sender<()>,
-) -> Result<notify::RecommendedWatcher> {
-    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
-    let single = path.is_file().then(|| path.to_path_buf());
-    let watched = path.to_path_buf();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
-        // Editors' swap files and writers' temporary files do not count;
-        // the folder itself (removed, renamed) does.
-        let ours = |p: &std::path::PathBuf| {
-            *p == watched
-                || match &single {
-                    Some(file) => p == file,
-                    None => manifests::is_manifest(p),
-                }
-        };
-        if !event.paths.iter().any(ours) {
-            return;
-        }
-        let _ = match event.kind {
-            EventKind::Access(AccessKind::Close(AccessMode::Write))
-            | EventKind::Modify(ModifyKind::Name(_))
-            | EventKind::Remove(_) => changed.try_send(()),
-            EventKind::Access(_) => return,
-            _ => settling.try_send(()),
-        };
-    })?;
-    // Editors replace files by renaming: watch the folder, not the file.
-    let dir = if path.is_dir() { path } else { path.parent().unwrap_or(Path::new(".")) };
-    watcher.watch(dir, RecursiveMode::NonRecursive).with_context(|| format!("watching {}", dir.display()))?;
-    Ok(watcher)
-}
-
 /// `--dry-run`: the desired state for the manifests, without touching the kernel.
 pub fn dry_run(path: &Path, node: &NodeInfo) -> String {
     let loaded = manifests::load(path);
@@ -381,4 +312,18 @@ pub fn dry_run(path: &Path, node: &NodeInfo) -> String {
         out.push_str(&format!("error: {e}\n"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_up_to_a_ceiling_and_start_over_after_success() {
+        let mut b = Backoff(None);
+        let waits: Vec<u128> = (0..10).map(|_| b.next().as_millis()).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000, 10_000]);
+        b.reset();
+        assert_eq!(b.next(), Backoff::FIRST);
+    }
 }

@@ -147,8 +147,20 @@ pub fn reset(pin_dir: &Path) -> Result<Vec<String>> {
         }
         let _ = fs::remove_dir(links_dir(pin_dir));
     }
-    for name in lb_common::ALL_MAPS {
-        let p = pin_dir.join(name);
+    // The registry's maps, and those of other versions (renamed or
+    // retired maps): every `lb_*` pin here is ours.
+    let mut pins: BTreeSet<String> =
+        lb_common::registry::MAPS.iter().filter(|m| m.pinned).map(|m| m.name.to_string()).collect();
+    if let Ok(entries) = fs::read_dir(pin_dir) {
+        pins.extend(
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("lb_")),
+        );
+    }
+    for name in pins {
+        let p = pin_dir.join(&name);
         if p.exists() {
             fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))?;
             removed.push(format!("map {name}"));
@@ -157,12 +169,14 @@ pub fn reset(pin_dir: &Path) -> Result<Vec<String>> {
     Ok(removed)
 }
 
-/// Blocks, calling `on_change` whenever the kernel reports a link (interface)
-/// change in this namespace. Runs on its own thread.
+/// Blocks, calling `on_change` whenever the kernel reports a link
+/// (interface) or IPv4 address change in this namespace. Runs on its own
+/// thread.
 pub fn watch_links(mut on_change: impl FnMut() -> bool) -> Result<()> {
     use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
     let mut socket = Socket::new(NETLINK_ROUTE).context("netlink socket")?;
-    socket.bind(&SocketAddr::new(0, libc::RTMGRP_LINK as u32)).context("subscribing to link events")?;
+    let groups = libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR;
+    socket.bind(&SocketAddr::new(0, groups as u32)).context("subscribing to link and address events")?;
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         // The message says which link changed; a rescan is simpler and

@@ -5,14 +5,21 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use anyhow::Result;
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
-use lb_common::{Drop, FrontendKey, FrontendKind, SlotKey, ct_flags, ct_tcp, frontend_flags};
+use lb_common::{Drop, FrontendKind, L4, SlotKey, ct_flags, ct_tcp, frontend_flags, registry};
 use serde::Serialize;
 
-use crate::{maps::Maps, model::frontend_str};
+use crate::{
+    maps::Maps,
+    reconciler::{MapStore as _, keys, store::frontend_flag_names},
+};
 
 #[derive(Serialize)]
 pub struct ServiceRow {
     pub frontend: String,
+    pub scope: &'static str,
+    /// `namespace/name` of the Service, from `lb_svc_names`.
+    pub service: Option<String>,
+    pub port_name: Option<String>,
     pub kind: String,
     pub id: u32,
     pub flags: Vec<&'static str>,
@@ -50,57 +57,41 @@ pub struct Stats {
 }
 
 fn proto_name(p: u8) -> &'static str {
-    match p {
-        lb_common::IPPROTO_TCP => "TCP",
-        lb_common::IPPROTO_UDP => "UDP",
-        _ => "?",
-    }
-}
-
-fn flag_names(flags: u8) -> Vec<&'static str> {
-    let mut v = Vec::new();
-    if flags & frontend_flags::AFFINITY != 0 {
-        v.push("affinity");
-    }
-    if flags & frontend_flags::SOURCE_RANGES != 0 {
-        v.push("source-ranges");
-    }
-    if flags & frontend_flags::LOCAL_ONLY != 0 {
-        v.push("local-only");
-    }
-    v
+    L4::from_proto(p).map_or("?", L4::name)
 }
 
 pub fn services(maps: &Maps) -> Result<Vec<ServiceRow>> {
-    let backends: BTreeMap<u32, lb_common::Backend> = maps.backends.iter().collect::<Result<_, _>>()?;
-    let mut frontends: Vec<(FrontendKey, lb_common::Frontend)> =
-        maps.services.iter().collect::<Result<_, _>>()?;
-    frontends.sort_by_key(|(k, _)| *k);
+    let programmed = maps.dump()?;
     let mut rows = Vec::new();
-    for (key, fe) in frontends {
+    for (key, fe) in &programmed.services {
         let mut list = Vec::new();
         for slot in 0..fe.backend_count {
-            let entry = match maps.slots.get(&SlotKey { frontend_id: fe.id, slot }, 0) {
-                Ok(id) => match backends.get(&id) {
+            let entry = match programmed.slots.get(&SlotKey { frontend_id: fe.id, slot }) {
+                Some(id) => match programmed.backends.get(id) {
                     Some(b) => format!(
                         "{}:{}{}",
                         Ipv4Addr::from(b.addr),
                         b.port,
-                        if b.flags & 1 != 0 { " (local)" } else { "" }
+                        if b.flags & lb_common::backend_flags::LOCAL != 0 { " (local)" } else { "" }
                     ),
                     None => format!("#{id} (missing!)"),
                 },
-                Err(_) => format!("slot {slot} missing!"),
+                None => format!("slot {slot} missing!"),
             };
             list.push(entry);
         }
         let stats = maps.svc_stats.get(&fe.id, 0).ok();
         let sum = |f: fn(&lb_common::SvcStats) -> u64| stats.as_ref().map_or(0, |s| s.iter().map(f).sum());
+        let frontend = keys::frontend_of(key);
+        let name = programmed.names.get(&fe.id);
         rows.push(ServiceRow {
-            frontend: frontend_str(&key),
+            frontend: frontend.map_or_else(|| format!("{key:?}"), |f| f.address()),
+            scope: frontend.map_or("?", |f| f.scope.name()),
+            service: name.map(|n| format!("{}/{}", n.namespace(), n.name())),
+            port_name: name.map(|n| n.port().to_string()).filter(|p| !p.is_empty()),
             kind: FrontendKind::from_u8(fe.kind).map_or("?", FrontendKind::as_str).to_string(),
             id: fe.id,
-            flags: flag_names(fe.flags),
+            flags: frontend_flag_names(fe.flags),
             affinity_timeout: (fe.flags & frontend_flags::AFFINITY != 0).then_some(fe.affinity_timeout),
             backends: list,
             packets: sum(|s| s.packets),
@@ -109,6 +100,32 @@ pub fn services(maps: &Maps) -> Result<Vec<ServiceRow>> {
         });
     }
     Ok(rows)
+}
+
+#[derive(Serialize)]
+pub struct MapRow {
+    pub name: &'static str,
+    #[serde(rename = "type")]
+    pub map_type: &'static str,
+    pub entries: Option<usize>,
+    pub capacity: Option<u32>,
+    pub pinned: bool,
+    pub about: &'static str,
+}
+
+/// Every map of the registry: what it holds, how full it is.
+pub fn maps(maps: &Maps) -> Vec<MapRow> {
+    registry::MAPS
+        .iter()
+        .map(|m| MapRow {
+            name: m.name,
+            map_type: m.map_type.name(),
+            entries: maps.entries(m),
+            capacity: maps.capacity(m),
+            pinned: m.pinned,
+            about: m.about,
+        })
+        .collect()
 }
 
 pub fn backends(maps: &Maps) -> Result<Vec<BackendRow>> {
@@ -182,14 +199,43 @@ pub fn stats(maps: &Maps) -> Result<Stats> {
 }
 
 pub fn services_table(rows: &[ServiceRow]) -> Table {
-    let mut t = table(&["FRONTEND", "KIND", "ID", "FLAGS", "BACKENDS"]);
+    let mut t = table(&["FRONTEND", "SCOPE", "SERVICE", "KIND", "ID", "FLAGS", "BACKENDS"]);
     for r in rows {
         let backends = if r.backends.is_empty() {
             if r.flags.contains(&"local-only") { "(none: drop)".into() } else { "(none: reject)".into() }
         } else {
             r.backends.join("\n")
         };
-        t.add_row(vec![r.frontend.clone(), r.kind.clone(), r.id.to_string(), r.flags.join(","), backends]);
+        let service = match (&r.service, &r.port_name) {
+            (Some(s), Some(p)) => format!("{s}:{p}"),
+            (Some(s), None) => s.clone(),
+            (None, _) => "?".into(),
+        };
+        t.add_row(vec![
+            r.frontend.clone(),
+            r.scope.into(),
+            service,
+            r.kind.clone(),
+            r.id.to_string(),
+            r.flags.join(","),
+            backends,
+        ]);
+    }
+    t
+}
+
+pub fn maps_table(rows: &[MapRow]) -> Table {
+    let mut t = table(&["MAP", "TYPE", "ENTRIES", "CAPACITY", "PINNED", "HOLDS"]);
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    for r in rows {
+        t.add_row(vec![
+            r.name.into(),
+            r.map_type.into(),
+            opt(r.entries.map(|n| n.to_string())),
+            opt(r.capacity.map(|n| n.to_string())),
+            if r.pinned { "yes".into() } else { "no".into() },
+            r.about.into(),
+        ]);
     }
     t
 }

@@ -6,6 +6,8 @@
 
 pub mod agent;
 pub mod attach;
+pub mod dataplane;
+pub mod frontend;
 pub mod inspect;
 pub mod loader;
 pub mod maps;

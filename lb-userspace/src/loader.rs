@@ -3,11 +3,11 @@
 //! Maps are declared `pin_by_name`, so a load reuses the maps an earlier run
 //! pinned (and their contents): a restarted agent adopts the live dataplane.
 
-use std::{ffi::CString, fs, os::unix::ffi::OsStrExt as _, path::Path};
+use std::{collections::BTreeMap, ffi::CString, fs, os::unix::ffi::OsStrExt as _, path::Path};
 
 use anyhow::{Context as _, Result, bail};
-use aya::{Ebpf, EbpfLoader};
-use lb_common::{MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_SERVICES, MAP_SLOTS, capacity};
+use aya::{Ebpf, EbpfError, EbpfLoader, maps::MapError};
+use lb_common::registry::{MAPS, MapDef, Size};
 
 /// The eBPF object built by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -22,25 +22,43 @@ pub const TC_PROGRAM: &str = "lb_tc_pod";
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
-/// Map sizes. Changing one for an existing pin directory needs `lb-agent
-/// reset` first: a pinned map keeps the size it was created with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Capacities {
-    pub services: u32,
-    pub backends: u32,
-    pub slots: u32,
-    pub conntrack: u32,
-    pub affinity: u32,
-}
+/// Map sizes, by the registry's size flags (`--max-frontends`...): the
+/// registry's defaults unless set. Changing one for an existing pin
+/// directory needs `lb-agent reset` first: a pinned map keeps the size it
+/// was created with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Capacities(BTreeMap<&'static str, u32>);
 
 impl Default for Capacities {
     fn default() -> Self {
-        Self {
-            services: capacity::SERVICES,
-            backends: capacity::BACKENDS,
-            slots: capacity::SLOTS,
-            conntrack: capacity::CONNTRACK,
-            affinity: capacity::AFFINITY,
+        Self(Self::flags().map(|(flag, default, _)| (flag, default)).collect())
+    }
+}
+
+impl Capacities {
+    /// Every size flag of the registry once: (flag, default, maps it sizes).
+    pub fn flags() -> impl Iterator<Item = (&'static str, u32, Vec<&'static str>)> {
+        let mut flags: BTreeMap<&'static str, (u32, Vec<&'static str>)> = BTreeMap::new();
+        for m in MAPS {
+            if let Size::Flag { flag, default } = m.size {
+                flags.entry(flag).or_insert((default, Vec::new())).1.push(m.name);
+            }
+        }
+        flags.into_iter().map(|(flag, (default, maps))| (flag, default, maps))
+    }
+
+    /// Sets the size `--<flag>` gives; unknown flags are a bug of the caller.
+    pub fn set(&mut self, flag: &str, entries: u32) -> &mut Self {
+        let slot = self.0.iter_mut().find(|(f, _)| **f == flag).map(|(_, v)| v);
+        *slot.unwrap_or_else(|| panic!("no map is sized by --{flag}")) = entries;
+        self
+    }
+
+    /// The capacity `map` is created with.
+    pub fn of(&self, map: &MapDef) -> u32 {
+        match map.size {
+            Size::Fixed(n) => n,
+            Size::Flag { flag, default } => self.0.get(flag).copied().unwrap_or(default),
         }
     }
 }
@@ -72,24 +90,111 @@ pub fn is_bpffs(dir: &Path) -> Result<bool> {
 
 /// Loads the object with its maps pinned (or adopted) under `pin_dir`.
 pub fn load(pin_dir: &Path, caps: &Capacities) -> Result<Ebpf> {
+    load_object(EBPF_OBJECT, pin_dir, caps)
+}
+
+/// Loads `object` (the agent's own, or another build of it in benchmarks)
+/// with the registry's maps sized and pinned under `pin_dir`.
+pub fn load_object(object: &[u8], pin_dir: &Path, caps: &Capacities) -> Result<Ebpf> {
     ensure_bpffs(pin_dir)?;
     // The programs skip formatting log events below the agent's level.
     let log_level = log::max_level() as u8;
-    let ebpf = EbpfLoader::new()
-        .default_map_pin_directory(pin_dir)
-        .override_global(aya_log::LEVEL, &log_level, false)
-        .map_max_entries(MAP_SERVICES, caps.services)
-        .map_max_entries(MAP_BACKENDS, caps.backends)
-        .map_max_entries(MAP_SLOTS, caps.slots)
-        .map_max_entries(MAP_CONNTRACK, caps.conntrack)
-        .map_max_entries(MAP_AFFINITY, caps.affinity)
-        .load(EBPF_OBJECT)
-        .with_context(|| {
-            format!(
-                "loading the eBPF object with maps pinned under {} (if the map sizes changed, \
-                 run `lb-agent reset` first)",
+    let mut loader = EbpfLoader::new();
+    loader.override_global(aya_log::LEVEL, &log_level, false);
+    for m in MAPS {
+        loader.map_max_entries(m.name, caps.of(m));
+        if m.pinned {
+            loader.map_pin_path(m.name, pin_dir.join(m.name));
+        }
+    }
+    loader.load(object).map_err(|e| match e {
+        EbpfError::MapError(MapError::IncompatiblePinnedMap { name, property, expected, actual }) => {
+            anyhow::anyhow!(
+                "the map {name} pinned under {} has {property} {actual}, this agent needs {expected}: it was \
+                 made by another version of the agent or with other map sizes. Run `lb-agent reset` (established \
+                 connections through this node break) or start with the sizes it was made with",
                 pin_dir.display()
             )
-        })?;
-    Ok(ebpf)
+        }
+        e => anyhow::Error::new(e).context(format!("loading the eBPF object with maps pinned under {}", pin_dir.display())),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, mem::size_of};
+
+    use aya::maps::MapType as Kernel;
+    use lb_common::{registry::MapType, *};
+
+    use super::*;
+
+    fn kernel_type(t: MapType) -> u32 {
+        (match t {
+            MapType::Hash => Kernel::Hash,
+            MapType::LruHash => Kernel::LruHash,
+            MapType::Array => Kernel::Array,
+            MapType::PerCpuArray => Kernel::PerCpuArray,
+            MapType::LpmTrie => Kernel::LpmTrie,
+        }) as u32
+    }
+
+    /// The built object declares exactly the registry's maps, with its
+    /// types and capacities and the key and value types of `lb_common`.
+    #[test]
+    fn the_object_defines_exactly_the_registry_maps() {
+        let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("the eBPF object parses");
+        // aya-log's ring buffer and the programs' global data are aya's own.
+        let ours: BTreeMap<&str, &aya_obj::Map> = obj
+            .maps
+            .iter()
+            .filter(|(name, _)| !name.starts_with('.') && !name.starts_with("AYA_"))
+            .map(|(name, m)| (name.as_str(), m))
+            .collect();
+        let names: Vec<&str> = ours.keys().copied().collect();
+        let mut expected: Vec<&str> = MAPS.iter().map(|m| m.name).collect();
+        expected.sort();
+        assert_eq!(names, expected, "maps in the object vs lb_common::registry");
+        let sizes: BTreeMap<&str, (usize, usize)> = [
+            (registry::CONFIG.name, (4, size_of::<Config>())),
+            (registry::NODE_ADDRS.name, (4, 4)),
+            (registry::BACKENDS.name, (4, size_of::<Backend>())),
+            (registry::SLOTS.name, (size_of::<SlotKey>(), 4)),
+            (registry::AFFINITY_MATCH.name, (size_of::<AffinityMatchKey>(), 4)),
+            (registry::SOURCE_RANGES.name, (4 + size_of::<SourceRangeKey>(), 4)),
+            (registry::SERVICE_NAMES.name, (4, size_of::<ServiceName>())),
+            (registry::SERVICES.name, (size_of::<FrontendKey>(), size_of::<Frontend>())),
+            (registry::CONNTRACK.name, (size_of::<CtKey>(), size_of::<CtEntry>())),
+            (registry::AFFINITY.name, (size_of::<AffinityKey>(), size_of::<AffinityEntry>())),
+            (registry::SVC_STATS.name, (4, size_of::<SvcStats>())),
+            (registry::DROPS.name, (4, 8)),
+            (registry::NEXT_HOPS.name, (4, size_of::<NextHop>())),
+        ]
+        .into();
+        for def in MAPS {
+            let m = ours[def.name];
+            assert_eq!(m.map_type(), kernel_type(def.map_type), "{}: type", def.name);
+            assert_eq!(m.max_entries(), def.capacity(), "{}: capacity", def.name);
+            if let Some((key, value)) = sizes.get(def.name) {
+                assert_eq!(
+                    (m.key_size() as usize, m.value_size() as usize),
+                    (*key, *value),
+                    "{}: key, value",
+                    def.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn one_flag_sizes_every_map_that_names_it() {
+        let mut caps = Capacities::default();
+        caps.set("max-frontends", 1024);
+        assert_eq!(caps.of(&registry::SERVICES), 1024);
+        assert_eq!(caps.of(&registry::SERVICE_NAMES), 1024);
+        assert_eq!(caps.of(&registry::BACKENDS), registry::BACKENDS.capacity());
+        assert_eq!(caps.of(&registry::DROPS), Drop::SLOTS);
+        let flags: Vec<&str> = Capacities::flags().map(|(f, _, _)| f).collect();
+        assert_eq!(flags, ["affinity-size", "conntrack-size", "max-backends", "max-frontends", "max-slots"]);
+    }
 }

@@ -1,9 +1,9 @@
 //! `lb-agent`: the node agent of the eBPF service load balancer.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{net::IpAddr, path::PathBuf};
 
 use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Arg, ArgMatches, Args, FromArgMatches, Parser, Subcommand, ValueEnum, value_parser};
 use lb_userspace::{
     agent, attach, inspect,
     loader::{self, Capacities},
@@ -84,24 +84,15 @@ struct RunArgs {
     /// Glob(s) naming the host side of pod interfaces: TC attaches here.
     #[arg(long = "pod-interfaces", env = "LB_POD_INTERFACES", value_delimiter = ',')]
     pod_interfaces: Vec<String>,
-    /// Node address(es) for NodePort and SNAT [default: the external interfaces' IPv4 addresses].
+    /// Node address(es) for NodePort and SNAT [default: the Node object's
+    /// InternalIP/ExternalIP, else the external interfaces' IPv4 addresses].
     #[arg(long = "node-address")]
-    node_addresses: Vec<Ipv4Addr>,
+    node_addresses: Vec<IpAddr>,
     /// SNAT source port range, MIN-MAX.
     #[arg(long, default_value = "61000-65535", value_parser = parse_range)]
     nat_ports: (u16, u16),
-    /// Conntrack capacity (entries; each flow takes two).
-    #[arg(long, default_value_t = lb_common::capacity::CONNTRACK)]
-    conntrack_size: u32,
-    /// Capacity of lb_services (frontends).
-    #[arg(long, default_value_t = lb_common::capacity::SERVICES)]
-    max_frontends: u32,
-    /// Capacity of lb_backends (distinct pod address:port pairs).
-    #[arg(long, default_value_t = lb_common::capacity::BACKENDS)]
-    max_backends: u32,
-    /// Capacity of lb_slots (backends summed over all frontends).
-    #[arg(long, default_value_t = lb_common::capacity::SLOTS)]
-    max_slots: u32,
+    #[command(flatten)]
+    map_sizes: MapSizes,
     /// Prometheus metrics (and health) on this address.
     #[arg(long, env = "LB_METRICS_ADDRESS", default_value = "127.0.0.1:9960")]
     metrics_address: std::net::SocketAddr,
@@ -118,10 +109,53 @@ struct RunArgs {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum What {
+    /// Frontends, the Service each serves, and their backends in slot order.
     Services,
     Backends,
     Conntrack,
+    /// Per-frontend counters and drops by reason.
     Stats,
+    /// Every map: type, entries, capacity.
+    Maps,
+}
+
+/// The map capacities, one flag per size of the map registry
+/// (`--max-frontends`, `--conntrack-size`...).
+struct MapSizes(Capacities);
+
+impl FromArgMatches for MapSizes {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        let mut caps = Capacities::default();
+        for (flag, _, _) in Capacities::flags() {
+            if let Some(n) = m.get_one::<u32>(flag) {
+                caps.set(flag, *n);
+            }
+        }
+        Ok(Self(caps))
+    }
+
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl Args for MapSizes {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        Capacities::flags().fold(cmd, |cmd, (flag, default, maps)| {
+            cmd.arg(
+                Arg::new(flag)
+                    .long(flag)
+                    .value_name("ENTRIES")
+                    .value_parser(value_parser!(u32).range(1..))
+                    .help(format!("Capacity of {} [default: {default}]", maps.join(" and "))),
+            )
+        })
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -213,18 +247,18 @@ fn run(args: RunArgs, pin_dir: PathBuf) -> Result<()> {
         node_addresses: args.node_addresses,
         pin_dir,
         nat_ports: args.nat_ports,
-        capacities: Capacities {
-            services: args.max_frontends,
-            backends: args.max_backends,
-            slots: args.max_slots,
-            conntrack: args.conntrack_size,
-            ..Capacities::default()
-        },
+        capacities: args.map_sizes.0,
         procfs: args.procfs,
         metrics_address: args.metrics_address,
         health_address: args.health_address,
     };
-    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(opts))
+    // Two workers: a sync holds one (`block_in_place`), the HTTP servers and
+    // the watchers keep the other.
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(agent::run(opts))
 }
 
 fn print_inspect(maps: &Maps, what: What, output: Output, limit: usize) -> Result<()> {
@@ -238,6 +272,7 @@ fn print_inspect(maps: &Maps, what: What, output: Output, limit: usize) -> Resul
             let (services, drops) = inspect::stats_table(s);
             format!("{services}\n{drops}")
         }),
+        What::Maps => show(&inspect::maps(maps), output, |r| inspect::maps_table(r).to_string()),
     }
 }
 

@@ -1,47 +1,54 @@
 //! Typed handles on the dataplane maps, from a fresh load or from the pins
-//! (for `inspect`, which works whether or not the agent runs).
+//! (for `inspect`, which works whether or not the agent runs), and the
+//! kernel's `MapStore`.
 
-use std::path::Path;
+use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key},
 };
+use ipnet::Ipv4Net;
 use lb_common::{
     AffinityEntry, AffinityKey, AffinityMatchKey, Backend, Config, CtEntry, CtKey, Frontend, FrontendKey,
-    MAP_AFFINITY, MAP_AFFINITY_MATCH, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_DROPS, MAP_NODE_ADDRS,
-    MAP_SERVICES, MAP_SLOTS, MAP_SOURCE_RANGES, MAP_SVC_STATS, SlotKey, SourceRangeKey, SvcStats,
+    ServiceName, SlotKey, SourceRangeKey, SvcStats,
+    registry::{self as reg, MapDef},
 };
 
+use crate::reconciler::{MapStore, Op, Programmed, StoreError};
+
 pub struct Maps {
-    pub services: HashMap<MapData, FrontendKey, Frontend>,
+    pub config: Array<MapData, Config>,
+    pub node_addrs: HashMap<MapData, [u8; 4], u32>,
     pub backends: HashMap<MapData, u32, Backend>,
     pub slots: HashMap<MapData, SlotKey, u32>,
-    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
-    pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     pub affinity_match: HashMap<MapData, AffinityMatchKey, u32>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
-    pub node_addrs: HashMap<MapData, [u8; 4], u32>,
+    pub names: HashMap<MapData, u32, ServiceName>,
+    pub services: HashMap<MapData, FrontendKey, Frontend>,
+    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     pub svc_stats: PerCpuArray<MapData, SvcStats>,
     pub drops: PerCpuArray<MapData, u64>,
-    pub config: Array<MapData, Config>,
+    /// Each map's capacity as the kernel created it.
+    capacities: BTreeMap<&'static str, u32>,
 }
 
 /// Where to get a map from.
 trait Source {
-    fn map(&mut self, name: &str) -> Result<Map>;
+    fn map(&mut self, def: &MapDef) -> Result<Map>;
 }
 
 impl Source for &mut Ebpf {
-    fn map(&mut self, name: &str) -> Result<Map> {
-        self.take_map(name).with_context(|| format!("the eBPF object has no map {name}"))
+    fn map(&mut self, def: &MapDef) -> Result<Map> {
+        self.take_map(def.name).with_context(|| format!("the eBPF object has no map {}", def.name))
     }
 }
 
 impl Source for &Path {
-    fn map(&mut self, name: &str) -> Result<Map> {
-        let path = self.join(name);
+    fn map(&mut self, def: &MapDef) -> Result<Map> {
+        let path = self.join(def.name);
         let data = MapData::from_pin(&path)
             .with_context(|| format!("opening pinned map {} (has the agent run?)", path.display()))?;
         Ok(Map::from_map_data(data)?)
@@ -60,23 +67,159 @@ impl Maps {
     }
 
     fn from_source(mut src: impl Source) -> Result<Self> {
+        let mut capacities = BTreeMap::new();
         macro_rules! typed {
-            ($name:expr) => {
-                src.map($name)?.try_into().with_context(|| format!("map {} has an unexpected type", $name))?
-            };
+            ($def:expr) => {{
+                let map = src.map(&$def)?;
+                if let Some(info) = map_data(&map).and_then(|d| d.info().ok()) {
+                    capacities.insert($def.name, info.max_entries());
+                }
+                map.try_into().with_context(|| format!("map {} has an unexpected type", $def.name))?
+            }};
         }
         Ok(Self {
-            services: typed!(MAP_SERVICES),
-            backends: typed!(MAP_BACKENDS),
-            slots: typed!(MAP_SLOTS),
-            conntrack: typed!(MAP_CONNTRACK),
-            affinity: typed!(MAP_AFFINITY),
-            affinity_match: typed!(MAP_AFFINITY_MATCH),
-            source_ranges: typed!(MAP_SOURCE_RANGES),
-            node_addrs: typed!(MAP_NODE_ADDRS),
-            svc_stats: typed!(MAP_SVC_STATS),
-            drops: typed!(MAP_DROPS),
-            config: typed!(MAP_CONFIG),
+            config: typed!(reg::CONFIG),
+            node_addrs: typed!(reg::NODE_ADDRS),
+            backends: typed!(reg::BACKENDS),
+            slots: typed!(reg::SLOTS),
+            affinity_match: typed!(reg::AFFINITY_MATCH),
+            source_ranges: typed!(reg::SOURCE_RANGES),
+            names: typed!(reg::SERVICE_NAMES),
+            services: typed!(reg::SERVICES),
+            conntrack: typed!(reg::CONNTRACK),
+            affinity: typed!(reg::AFFINITY),
+            svc_stats: typed!(reg::SVC_STATS),
+            drops: typed!(reg::DROPS),
+            capacities,
         })
+    }
+
+    /// The capacity the kernel map was created with.
+    pub fn capacity(&self, def: &MapDef) -> Option<u32> {
+        self.capacities.get(def.name).copied()
+    }
+
+    /// How many keys a hash, LRU or LPM map of the registry holds now
+    /// (arrays have all their slots all the time: `None`).
+    pub fn entries(&self, def: &MapDef) -> Option<usize> {
+        Some(match def.name {
+            n if n == reg::NODE_ADDRS.name => self.node_addrs.keys().count(),
+            n if n == reg::BACKENDS.name => self.backends.keys().count(),
+            n if n == reg::SLOTS.name => self.slots.keys().count(),
+            n if n == reg::AFFINITY_MATCH.name => self.affinity_match.keys().count(),
+            n if n == reg::SOURCE_RANGES.name => self.source_ranges.keys().count(),
+            n if n == reg::SERVICE_NAMES.name => self.names.keys().count(),
+            n if n == reg::SERVICES.name => self.services.keys().count(),
+            n if n == reg::CONNTRACK.name => self.conntrack.keys().count(),
+            n if n == reg::AFFINITY.name => self.affinity.keys().count(),
+            _ => return None,
+        })
+    }
+}
+
+fn range_key(id: u32, net: &Ipv4Net) -> Key<SourceRangeKey> {
+    Key::new(SourceRangeKey::prefix_len(net.prefix_len()), SourceRangeKey::new(id, net.network().octets()))
+}
+
+/// Deleting what is already gone is not an error (a restart may race).
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+/// E2BIG from an insert: the map has no room for another key.
+fn is_full(e: &MapError) -> bool {
+    matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG))
+}
+
+impl MapStore for Maps {
+    fn apply(&mut self, op: &Op) -> Result<(), StoreError> {
+        let written = match op {
+            Op::PutConfig(c) => self.config.set(0, c, 0),
+            Op::PutNodeAddr(a) => self.node_addrs.insert(a, &1, 0),
+            Op::DelNodeAddr(a) => ignore_missing(self.node_addrs.remove(a)),
+            Op::PutBackend(id, b) => self.backends.insert(id, b, 0),
+            Op::DelBackend(id) => ignore_missing(self.backends.remove(id)),
+            Op::PutSlot(k, b) => self.slots.insert(k, b, 0),
+            Op::DelSlot(k) => ignore_missing(self.slots.remove(k)),
+            Op::PutAffinityMatch(k) => self.affinity_match.insert(k, &1, 0),
+            Op::DelAffinityMatch(k) => ignore_missing(self.affinity_match.remove(k)),
+            Op::PutSourceRange(id, net) => self.source_ranges.insert(&range_key(*id, net), &1, 0),
+            Op::DelSourceRange(id, net) => ignore_missing(self.source_ranges.remove(&range_key(*id, net))),
+            Op::PutName(id, n) => self.names.insert(id, n, 0),
+            Op::DelName(id) => ignore_missing(self.names.remove(id)),
+            Op::ResetStats(id) => {
+                let cpus = aya::util::nr_cpus().map_err(|(path, e)| StoreError::Write {
+                    map: reg::SVC_STATS.name,
+                    source: anyhow::anyhow!("reading {path}: {e}"),
+                })?;
+                PerCpuValues::try_from(vec![SvcStats::default(); cpus.get() as usize])
+                    .map_err(MapError::from)
+                    .and_then(|zeros| self.svc_stats.set(*id, zeros, 0))
+            }
+            Op::PutFrontend(k, v) => self.services.insert(k, v, 0),
+            Op::DelFrontend(k) => ignore_missing(self.services.remove(k)),
+        };
+        written.map_err(|e| {
+            let def = op.map();
+            if is_full(&e) {
+                let capacity = self.capacity(def).unwrap_or_else(|| def.capacity());
+                StoreError::Full { map: def.name, capacity }
+            } else {
+                StoreError::Write { map: def.name, source: anyhow::Error::new(e).context(format!("{op:?}")) }
+            }
+        })
+    }
+
+    fn dump(&self) -> Result<Programmed, StoreError> {
+        fn read<T>(map: &'static str, r: Result<T, MapError>) -> Result<T, StoreError> {
+            r.map_err(|e| StoreError::Read { map, source: e.into() })
+        }
+        let mut p = Programmed {
+            config: self.config.get(&0, 0).ok().filter(|c| *c != Config::default()),
+            ..Default::default()
+        };
+        for a in self.node_addrs.keys() {
+            p.node_addrs.insert(read(reg::NODE_ADDRS.name, a)?);
+        }
+        for e in self.backends.iter() {
+            let (id, b) = read(reg::BACKENDS.name, e)?;
+            p.backends.insert(id, b);
+        }
+        for e in self.slots.iter() {
+            let (k, b) = read(reg::SLOTS.name, e)?;
+            p.slots.insert(k, b);
+        }
+        for k in self.affinity_match.keys() {
+            p.affinity_match.insert(read(reg::AFFINITY_MATCH.name, k)?);
+        }
+        for k in self.source_ranges.keys() {
+            let k = read(reg::SOURCE_RANGES.name, k)?;
+            let data = k.data();
+            let len = k.prefix_len().saturating_sub(32).min(32) as u8;
+            if let Ok(net) = Ipv4Net::new(data.addr.into(), len) {
+                p.source_ranges.insert((u32::from_be_bytes(data.frontend_id), net));
+            }
+        }
+        for e in self.names.iter() {
+            let (id, n) = read(reg::SERVICE_NAMES.name, e)?;
+            p.names.insert(id, n);
+        }
+        for e in self.services.iter() {
+            let (k, v) = read(reg::SERVICES.name, e)?;
+            p.services.insert(k, v);
+        }
+        Ok(p)
+    }
+}
+
+fn map_data(map: &Map) -> Option<&MapData> {
+    match map {
+        Map::Array(d) | Map::HashMap(d) | Map::LpmTrie(d) | Map::LruHashMap(d) | Map::PerCpuArray(d) => {
+            Some(d)
+        }
+        _ => None,
     }
 }

@@ -16,7 +16,7 @@ use std::{
 };
 
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
-use lb_common::{Drop, FrontendKey, FrontendKind};
+use lb_common::{Drop, FrontendKind, registry};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -27,7 +27,8 @@ use tracing::{info, warn};
 
 use crate::{
     maps::Maps,
-    model::{Desired, DesiredFrontend, HealthCheck, frontend_str},
+    model::HealthCheck,
+    reconciler::{MapStore as _, keys},
 };
 
 /// Sync results, shared between the agent loop and the HTTP servers.
@@ -41,18 +42,10 @@ pub struct Telemetry {
     pub frontends: AtomicU64,
     pub backends: AtomicU64,
     sync_seconds: Mutex<Histogram>,
-    /// Frontend → (service, kind), for metric labels.
-    /// What each frontend belongs to, for the labels (shared with the model).
-    names: Mutex<BTreeMap<FrontendKey, Arc<DesiredFrontend>>>,
-    capacities: BTreeMap<&'static str, u32>,
 }
 
 impl Telemetry {
-    pub fn new(
-        pin_dir: PathBuf,
-        attached: Vec<PathBuf>,
-        capacities: BTreeMap<&'static str, u32>,
-    ) -> Arc<Self> {
+    pub fn new(pin_dir: PathBuf, attached: Vec<PathBuf>) -> Arc<Self> {
         let buckets = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0].into_iter();
         Arc::new(Self {
             pin_dir,
@@ -63,18 +56,15 @@ impl Telemetry {
             frontends: AtomicU64::new(0),
             backends: AtomicU64::new(0),
             sync_seconds: Mutex::new(Histogram::new(buckets)),
-            names: Mutex::new(BTreeMap::new()),
-            capacities,
         })
     }
 
-    /// Records a successful sync of `desired`.
-    pub fn synced(&self, desired: &Desired, elapsed: Duration, frontends: usize, backends: usize) {
+    /// Records a successful sync.
+    pub fn synced(&self, elapsed: Duration, frontends: usize, backends: usize) {
         self.syncs.fetch_add(1, Ordering::Relaxed);
         self.sync_seconds.lock().expect("lock").observe(elapsed.as_secs_f64());
         self.frontends.store(frontends as u64, Ordering::Relaxed);
         self.backends.store(backends as u64, Ordering::Relaxed);
-        *self.names.lock().expect("lock") = desired.frontends.clone();
         self.ready.store(true, Ordering::Relaxed);
     }
 
@@ -90,17 +80,18 @@ impl Telemetry {
         let bytes = Family::<Labels, Counter>::default();
         let flows = Family::<Labels, Counter>::default();
         let backends = Family::<Labels, Gauge>::default();
-        let names = self.names.lock().expect("lock").clone();
-        for entry in maps.services.iter() {
-            let (key, fe) = entry?;
-            let (service, kind) =
-                names.get(&key).map(|f| (f.service.clone(), f.kind.as_str())).unwrap_or_else(|| {
-                    ("unknown".into(), FrontendKind::from_u8(fe.kind).map_or("?", |k| k.as_str()))
-                });
+        let programmed = maps.dump()?;
+        for (key, fe) in &programmed.services {
+            let frontend = keys::frontend_of(key);
+            let service = programmed
+                .names
+                .get(&fe.id)
+                .map_or("unknown".into(), |n| format!("{}/{}", n.namespace(), n.name()));
             let labels: Labels = vec![
                 ("service".into(), service),
-                ("frontend".into(), frontend_str(&key)),
-                ("kind".into(), kind.into()),
+                ("frontend".into(), frontend.map_or_else(|| "?".into(), |f| f.address())),
+                ("scope".into(), frontend.map_or("?", |f| f.scope.name()).into()),
+                ("kind".into(), FrontendKind::from_u8(fe.kind).map_or("?", FrontendKind::as_str).into()),
             ];
             if let Ok(stats) = maps.svc_stats.get(&fe.id, 0) {
                 packets.get_or_create(&labels).inc_by(stats.iter().map(|s| s.packets).sum());
@@ -134,18 +125,14 @@ impl Telemetry {
         reg.register("conntrack_entries", "Live conntrack entries (two per flow)", conntrack);
         let used = Family::<Labels, Gauge>::default();
         let capacity = Family::<Labels, Gauge>::default();
-        let counts = [
-            ("lb_services", maps.services.keys().count()),
-            ("lb_backends", maps.backends.keys().count()),
-            ("lb_slots", maps.slots.keys().count()),
-            ("lb_conntrack", entries),
-            ("lb_affinity", maps.affinity.keys().count()),
-        ];
-        for (map, n) in counts {
-            let labels = vec![("map".into(), map.into())];
-            used.get_or_create(&labels).set(n as i64);
-            if let Some(cap) = self.capacities.get(map) {
-                capacity.get_or_create(&labels).set(*cap as i64);
+        for map in registry::MAPS.iter().filter(|m| m.pinned) {
+            let labels = vec![("map".into(), map.name.into())];
+            let n = if map.name == registry::CONNTRACK.name { Some(entries) } else { maps.entries(map) };
+            if let Some(n) = n {
+                used.get_or_create(&labels).set(n as i64);
+            }
+            if let Some(cap) = maps.capacity(map) {
+                capacity.get_or_create(&labels).set(cap as i64);
             }
         }
         reg.register("map_entries", "Entries in each map", used);

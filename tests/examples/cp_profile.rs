@@ -1,7 +1,6 @@
 //! Where an endpoint change's time goes at 10k services (release build).
 use std::{collections::BTreeSet, time::Instant};
 
-use lb_common::Config;
 use lb_tests::bench::{Proto, endpoints_of, service_yaml, write_manifests};
 use lb_userspace::{
     model::{Model, NodeInfo},
@@ -14,10 +13,9 @@ fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     write_manifests(&dir, 10_000, 10, Proto::Tcp, None)?;
     let node = NodeInfo { name: "bench".into(), zone: None, addresses: vec![[192, 0, 2, 11].into()] };
-    let settings = NodeSettings {
-        addresses: BTreeSet::from([[192, 0, 2, 11]]),
-        config: Config { snat_addr: [192, 0, 2, 11], nat_port_min: 61000, nat_port_max: 65535 },
-    };
+    let addr = std::net::IpAddr::from([192, 0, 2, 11]);
+    let settings =
+        NodeSettings { addresses: BTreeSet::from([addr]), snat_addr: addr, nat_ports: (61000, 65535) };
     let mut folder = Folder::new(&dir);
     let t = Instant::now();
     let (state, _) = folder.refresh();

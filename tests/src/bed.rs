@@ -1,10 +1,16 @@
-//! A loaded dataplane on a private bpffs mount, removed on drop.
+//! A loaded dataplane on a private bpffs mount, removed on drop. Frontends
+//! are programmed the way the agent programs them: a desired state planned
+//! by the `Reconciler` and applied to the maps, never written by hand.
 
 use std::{
     ffi::CString,
+    net::{IpAddr, Ipv4Addr},
     os::unix::ffi::OsStrExt as _,
     path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
 };
 
 use anyhow::{Context as _, Result};
@@ -12,21 +18,22 @@ use aya::{
     Ebpf,
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use lb_common::{
-    AffinityMatchKey, Backend, Config, Frontend, FrontendKey, FrontendKind, SlotKey, SourceRangeKey,
-    backend_flags,
-};
+use lb_common::{FrontendKind, L4, Scope};
 use lb_userspace::{
+    frontend::Frontend,
     loader::{self, Capacities, TC_PROGRAM, XDP_PROGRAM},
     maps::Maps,
+    model::{Desired, DesiredBackend, DesiredFrontend},
+    reconciler::{self, NodeSettings, Reconciler, keys},
 };
 
 pub struct Bed {
     pub ebpf: Ebpf,
     pub maps: Maps,
     pub pin_dir: PathBuf,
-    next_backend: u32,
-    next_frontend: u32,
+    desired: Desired,
+    reconciler: Reconciler,
+    settings: NodeSettings,
 }
 
 /// A backend as tests describe it.
@@ -43,6 +50,32 @@ impl Be {
     }
     pub const fn remote(addr: [u8; 4], port: u16) -> Self {
         Self { addr, port, local: false }
+    }
+}
+
+/// A frontend of `kind` on `addr:port` (`[0; 4]`: a NodePort).
+pub fn frontend(addr: [u8; 4], port: u16, l4: L4) -> Frontend {
+    Frontend::new(Ipv4Addr::from(addr), port, l4)
+}
+
+/// What a frontend programs: `backends` take new connections; the rest of
+/// the fields as a plain ClusterIP has them, for the test to change.
+pub fn desired(kind: FrontendKind, backends: &[Be]) -> DesiredFrontend {
+    let mut backends: Vec<DesiredBackend> = backends
+        .iter()
+        .map(|b| DesiredBackend { addr: IpAddr::from(b.addr), port: b.port, local: b.local })
+        .collect();
+    backends.sort();
+    DesiredFrontend {
+        service: "default/test".into(),
+        port_name: String::new(),
+        kind,
+        backends,
+        standby: vec![],
+        affinity_timeout: None,
+        source_ranges: vec![],
+        local_only: false,
+        two_scopes: false,
     }
 }
 
@@ -70,65 +103,63 @@ impl Bed {
         xdp.load()?;
         let tc: &mut SchedClassifier = ebpf.program_mut(TC_PROGRAM).context("tc program")?.try_into()?;
         tc.load()?;
-        let mut maps = Maps::from_ebpf(&mut ebpf)?;
-        maps.config.set(
-            0,
-            &Config {
-                snat_addr: NODE_ADDR,
-                nat_port_min: lb_common::DEFAULT_NAT_PORT_MIN,
-                nat_port_max: lb_common::DEFAULT_NAT_PORT_MAX,
-            },
-            0,
-        )?;
-        maps.node_addrs.insert(&NODE_ADDR, &1, 0)?;
-        Ok(Self { ebpf, maps, pin_dir, next_backend: 1, next_frontend: 1 })
-    }
-
-    /// Programs one frontend with `backends` in its slots; returns its id.
-    pub fn service(
-        &mut self,
-        key: FrontendKey,
-        kind: FrontendKind,
-        flags: u8,
-        backends: &[Be],
-    ) -> Result<u32> {
-        let id = self.next_frontend;
-        self.next_frontend += 1;
-        for (slot, be) in backends.iter().enumerate() {
-            let bid = self.next_backend;
-            self.next_backend += 1;
-            let flags = if be.local { backend_flags::LOCAL } else { 0 };
-            self.maps.backends.insert(
-                &bid,
-                &Backend { addr: be.addr, port: be.port, proto: key.proto, flags },
-                0,
-            )?;
-            self.maps.slots.insert(&SlotKey { frontend_id: id, slot: slot as u32 }, &bid, 0)?;
-            self.maps.affinity_match.insert(
-                &AffinityMatchKey { frontend_id: id, backend_id: bid },
-                &(slot as u32),
-                0,
-            )?;
-        }
-        let fe = Frontend {
-            id,
-            backend_count: backends.len() as u32,
-            affinity_timeout: 10_800,
-            kind: kind as u8,
-            flags,
-            _pad: 0,
+        let maps = Maps::from_ebpf(&mut ebpf)?;
+        let node = IpAddr::from(NODE_ADDR);
+        let settings = NodeSettings {
+            addresses: [node].into(),
+            snat_addr: node,
+            nat_ports: (lb_common::DEFAULT_NAT_PORT_MIN, lb_common::DEFAULT_NAT_PORT_MAX),
         };
-        self.maps.services.insert(&key, &fe, 0)?;
-        Ok(id)
+        let mut bed = Self {
+            ebpf,
+            maps,
+            pin_dir,
+            desired: Desired::default(),
+            reconciler: Reconciler::new(),
+            settings,
+        };
+        bed.sync()?;
+        Ok(bed)
     }
 
-    pub fn allow_source(&mut self, frontend_id: u32, addr: [u8; 4], cidr_len: u8) -> Result<()> {
-        let key = aya::maps::lpm_trie::Key::new(
-            SourceRangeKey::prefix_len(cidr_len),
-            SourceRangeKey::new(frontend_id, addr),
-        );
-        self.maps.source_ranges.insert(&key, &1, 0)?;
+    fn sync(&mut self) -> Result<()> {
+        let ops = self.reconciler.plan(&self.desired, &self.settings)?;
+        reconciler::apply(&mut self.maps, &ops)?;
         Ok(())
+    }
+
+    /// Programs `key` as `fe` says (replacing what it was); returns its id.
+    pub fn program(&mut self, key: Frontend, fe: DesiredFrontend) -> Result<u32> {
+        self.desired.frontends.insert(key, Arc::new(fe));
+        self.sync()?;
+        self.id_of(key)
+    }
+
+    /// A frontend of `kind` with `backends`; returns its id.
+    pub fn service(&mut self, key: Frontend, kind: FrontendKind, backends: &[Be]) -> Result<u32> {
+        self.program(key, desired(kind, backends))
+    }
+
+    /// Changes what `key` programs.
+    pub fn update(&mut self, key: Frontend, change: impl FnOnce(&mut DesiredFrontend)) -> Result<()> {
+        let fe = self.desired.frontends.get_mut(&key).context("no such frontend")?;
+        change(Arc::make_mut(fe));
+        self.sync()
+    }
+
+    /// The frontend id the maps hold for `key`.
+    pub fn id_of(&self, key: Frontend) -> Result<u32> {
+        Ok(self.maps.services.get(&keys::frontend_key(&key)?, 0)?.id)
+    }
+
+    /// The id of the backend at `addr:port` for `l4`.
+    pub fn backend_id(&self, addr: [u8; 4], port: u16, l4: L4) -> Option<u32> {
+        self.maps
+            .backends
+            .iter()
+            .filter_map(Result::ok)
+            .find(|(_, b)| (b.addr, b.port, b.proto) == (addr, port, l4.proto()))
+            .map(|(id, _)| id)
     }
 
     pub fn xdp(&self, frame: &[u8]) -> Result<Run> {
@@ -140,6 +171,11 @@ impl Bed {
         let p: &SchedClassifier = self.ebpf.program(TC_PROGRAM).context("tc")?.try_into()?;
         run(p, frame)
     }
+}
+
+/// An external frontend's in-cluster twin.
+pub fn internal(key: Frontend) -> Frontend {
+    key.with_scope(Scope::Internal)
 }
 
 fn run<P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>>(

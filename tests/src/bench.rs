@@ -17,12 +17,13 @@ use aya::{
     maps::{Array, MapData},
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp},
 };
-use lb_common::{Config, FrontendKey, FrontendKind, IPPROTO_TCP, floor::Template};
+use lb_common::{FrontendKind, L4, floor::Template};
 use lb_userspace::{
+    frontend::Frontend,
     loader::{self, Capacities, FLOOR_OBJECT, XDP_PROGRAM},
     maps::Maps,
     model::{Desired, DesiredBackend, DesiredFrontend},
-    reconciler::{self, NodeSettings, Reconciler},
+    reconciler::{self, NodeSettings, Reconciler, keys},
 };
 
 use crate::{
@@ -80,10 +81,10 @@ pub fn synthetic(n: u32, per: u32) -> Desired {
         let vip = vip_of(i);
         let backends = endpoints_of(i, per)
             .into_iter()
-            .map(|addr| DesiredBackend { addr, port: 8080, local: false })
+            .map(|addr| DesiredBackend { addr: addr.into(), port: 8080, local: false })
             .collect();
         d.frontends.insert(
-            FrontendKey::new(vip.octets(), 80, IPPROTO_TCP),
+            Frontend::new(vip, 80, L4::Tcp),
             std::sync::Arc::new(DesiredFrontend {
                 service: format!("bench/svc-{i}"),
                 port_name: String::new(),
@@ -93,6 +94,7 @@ pub fn synthetic(n: u32, per: u32) -> Desired {
                 affinity_timeout: None,
                 source_ranges: vec![],
                 local_only: false,
+                two_scopes: false,
             }),
         );
     }
@@ -220,20 +222,16 @@ pub struct Loaded {
 
 pub fn load_lb(n: u32, per: u32) -> Result<(Loaded, Duration)> {
     let bpffs = Bpffs::new()?;
-    let caps = Capacities {
-        services: (n + 1024).next_power_of_two(),
-        backends: (n * per + 1024).next_power_of_two(),
-        slots: (n * per + 1024).next_power_of_two(),
-        conntrack: 262_144,
-        affinity: 65_536,
-    };
+    let mut caps = Capacities::default();
+    caps.set("max-frontends", (n + 1024).next_power_of_two())
+        .set("max-backends", (n * per + 1024).next_power_of_two())
+        .set("max-slots", (n * per + 1024).next_power_of_two());
     let mut ebpf = loader::load(&bpffs.dir.join("lb"), &caps)?;
     lb_userspace::attach::load_programs(&mut ebpf)?;
     let mut maps = Maps::from_ebpf(&mut ebpf)?;
-    let settings = NodeSettings {
-        addresses: BTreeSet::from([NODE]),
-        config: Config { snat_addr: NODE, nat_port_min: 61000, nat_port_max: 65535 },
-    };
+    let node = std::net::IpAddr::from(NODE);
+    let settings =
+        NodeSettings { addresses: BTreeSet::from([node]), snat_addr: node, nat_ports: (61000, 65535) };
     let desired = synthetic(n, per);
     let started = Instant::now();
     let ops = Reconciler::new().plan(&desired, &settings)?;
@@ -444,7 +442,7 @@ pub fn control_plane(wire: &Wire, n: u32, changes: usize) -> Result<ControlPlane
     let maps = Maps::open_pinned(&pin)?;
     let vip = vip_of(probe).octets();
     let slot0 = |maps: &Maps| -> Option<[u8; 4]> {
-        let fe = maps.services.get(&FrontendKey::new(vip, 80, IPPROTO_TCP), 0).ok()?;
+        let fe = maps.services.get(&keys::frontend_key(&Frontend::new(vip, 80, L4::Tcp)).ok()?, 0).ok()?;
         let id = maps.slots.get(&lb_common::SlotKey { frontend_id: fe.id, slot: 0 }, 0).ok()?;
         Some(maps.backends.get(&id, 0).ok()?.addr)
     };

@@ -48,6 +48,7 @@ fn backends_of(pin: &Path, frontend: &str) -> Option<Vec<String>> {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn agent_programs_updates_restarts_and_resets() {
     require_root();
     let node = Netns::new("n").unwrap();

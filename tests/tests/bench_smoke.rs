@@ -5,6 +5,7 @@
 use std::process::Command;
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn bench_quick_mode_writes_every_table() {
     lb_tests::require_root();
     let bench = lb_tests::netns::agent_binary().with_file_name("lb-bench");

@@ -2,11 +2,9 @@
 //! BPF_PROG_TEST_RUN, with the maps programmed as the agent would. Needs root.
 
 use aya::maps::PerCpuArray;
-use lb_common::{
-    CtKey, Drop, FrontendKey, FrontendKind, IPPROTO_TCP, IPPROTO_UDP, NextHop, ct_flags, frontend_flags,
-};
+use lb_common::{CtKey, Drop, FrontendKind, IPPROTO_TCP, L4, NextHop, ct_flags, registry};
 use lb_tests::{
-    bed::{Be, Bed, NODE_ADDR},
+    bed::{Be, Bed, NODE_ADDR, desired, frontend, internal},
     bench::{self, NEXT_HOP, NEXT_HOP_MAC, Wire},
     packet::{self, parse_checked, parse_port_unreachable, tcp, udp},
 };
@@ -38,15 +36,11 @@ fn drops(bed: &Bed, reason: Drop) -> u64 {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn clusterip_from_pod_is_dnated_and_tracked() {
     let mut bed = bed();
     let id = bed
-        .service(
-            FrontendKey::new(CLUSTER_IP, 80, IPPROTO_TCP),
-            FrontendKind::ClusterIp,
-            0,
-            &[Be::remote(REMOTE_POD, 8080)],
-        )
+        .service(frontend(CLUSTER_IP, 80, L4::Tcp), FrontendKind::ClusterIp, &[Be::remote(REMOTE_POD, 8080)])
         .unwrap();
     let out = bed.tc(&tcp((POD_CLIENT, 40000), (CLUSTER_IP, 80), "S", b"")).unwrap();
     assert_eq!(out.action, TC_ACT_OK);
@@ -80,15 +74,11 @@ fn clusterip_from_pod_is_dnated_and_tracked() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn reply_of_local_backend_is_translated_at_tc() {
     let mut bed = bed();
-    bed.service(
-        FrontendKey::new(CLUSTER_IP, 53, IPPROTO_UDP),
-        FrontendKind::ClusterIp,
-        0,
-        &[Be::local(LOCAL_POD, 5353)],
-    )
-    .unwrap();
+    bed.service(frontend(CLUSTER_IP, 53, L4::Udp), FrontendKind::ClusterIp, &[Be::local(LOCAL_POD, 5353)])
+        .unwrap();
     let out = bed.tc(&udp((POD_CLIENT, 33333), (CLUSTER_IP, 53), b"query")).unwrap();
     assert_eq!(parse_checked(&out.frame).dst, (LOCAL_POD, 5353));
     let out = bed.tc(&udp((LOCAL_POD, 5353), (POD_CLIENT, 33333), b"answer")).unwrap();
@@ -98,15 +88,11 @@ fn reply_of_local_backend_is_translated_at_tc() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn nodeport_to_local_backend_keeps_client_address() {
     let mut bed = bed();
-    bed.service(
-        FrontendKey::new([0; 4], 30080, IPPROTO_TCP),
-        FrontendKind::NodePort,
-        0,
-        &[Be::local(LOCAL_POD, 8080)],
-    )
-    .unwrap();
+    bed.service(frontend([0; 4], 30080, L4::Tcp), FrontendKind::NodePort, &[Be::local(LOCAL_POD, 8080)])
+        .unwrap();
     let out = bed.xdp(&tcp((EXT_CLIENT, 50000), (NODE_ADDR, 30080), "S", b"")).unwrap();
     assert_eq!(out.action, XDP_PASS, "local backends are delivered by the stack");
     let seen = parse_checked(&out.frame);
@@ -124,15 +110,11 @@ fn nodeport_to_local_backend_keeps_client_address() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn nodeport_to_remote_backend_is_source_natted_and_reply_restored() {
     let mut bed = bed();
-    bed.service(
-        FrontendKey::new([0; 4], 30080, IPPROTO_TCP),
-        FrontendKind::NodePort,
-        0,
-        &[Be::remote(REMOTE_POD, 8080)],
-    )
-    .unwrap();
+    bed.service(frontend([0; 4], 30080, L4::Tcp), FrontendKind::NodePort, &[Be::remote(REMOTE_POD, 8080)])
+        .unwrap();
     let out = bed.xdp(&tcp((EXT_CLIENT, 50000), (NODE_ADDR, 30080), "S", b"")).unwrap();
     // Without a route in the test run the FIB lookup fails and the stack forwards.
     assert!(out.action == XDP_PASS || out.action == XDP_TX, "action {}", out.action);
@@ -157,10 +139,11 @@ fn nodeport_to_remote_backend_is_source_natted_and_reply_restored() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn loadbalancer_and_external_ips_are_translated_both_ways() {
     let mut bed = bed();
     for (vip, kind) in [(LB_IP, FrontendKind::LoadBalancer), (EXTERNAL_IP, FrontendKind::ExternalIp)] {
-        bed.service(FrontendKey::new(vip, 80, IPPROTO_TCP), kind, 0, &[Be::local(LOCAL_POD, 8080)]).unwrap();
+        bed.service(frontend(vip, 80, L4::Tcp), kind, &[Be::local(LOCAL_POD, 8080)]).unwrap();
         let out = bed.xdp(&tcp((EXT_CLIENT, 50100), (vip, 80), "S", b"")).unwrap();
         assert_eq!(out.action, XDP_PASS);
         let seen = parse_checked(&out.frame);
@@ -172,10 +155,11 @@ fn loadbalancer_and_external_ips_are_translated_both_ways() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn no_endpoints_answers_icmp_port_unreachable() {
     let mut bed = bed();
-    bed.service(FrontendKey::new(CLUSTER_IP, 80, IPPROTO_TCP), FrontendKind::ClusterIp, 0, &[]).unwrap();
-    bed.service(FrontendKey::new(CLUSTER_IP, 53, IPPROTO_UDP), FrontendKind::ClusterIp, 0, &[]).unwrap();
+    bed.service(frontend(CLUSTER_IP, 80, L4::Tcp), FrontendKind::ClusterIp, &[]).unwrap();
+    bed.service(frontend(CLUSTER_IP, 53, L4::Udp), FrontendKind::ClusterIp, &[]).unwrap();
 
     let out = bed.xdp(&tcp((EXT_CLIENT, 50000), (CLUSTER_IP, 80), "S", b"")).unwrap();
     assert_eq!(out.action, XDP_TX, "sent back out of the ingress interface");
@@ -195,32 +179,24 @@ fn no_endpoints_answers_icmp_port_unreachable() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn traffic_policy_local_without_local_endpoint_drops() {
     let mut bed = bed();
-    bed.service(
-        FrontendKey::new([0; 4], 30081, IPPROTO_TCP),
-        FrontendKind::NodePort,
-        frontend_flags::LOCAL_ONLY,
-        &[],
-    )
-    .unwrap();
+    let mut fe = desired(FrontendKind::NodePort, &[]);
+    fe.local_only = true;
+    bed.program(frontend([0; 4], 30081, L4::Tcp), fe).unwrap();
     let out = bed.xdp(&tcp((EXT_CLIENT, 50000), (NODE_ADDR, 30081), "S", b"")).unwrap();
     assert_eq!(out.action, XDP_DROP);
     assert_eq!(drops(&bed, Drop::NoLocalEndpoint), 1);
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn source_ranges_admit_only_listed_clients() {
     let mut bed = bed();
-    let id = bed
-        .service(
-            FrontendKey::new(LB_IP, 443, IPPROTO_TCP),
-            FrontendKind::LoadBalancer,
-            frontend_flags::SOURCE_RANGES,
-            &[Be::local(LOCAL_POD, 8443)],
-        )
-        .unwrap();
-    bed.allow_source(id, [192, 0, 2, 0], 25).unwrap();
+    let mut fe = desired(FrontendKind::LoadBalancer, &[Be::local(LOCAL_POD, 8443)]);
+    fe.source_ranges = vec!["192.0.2.0/25".parse().unwrap()];
+    bed.program(frontend(LB_IP, 443, L4::Tcp), fe).unwrap();
     let out = bed.xdp(&tcp((EXT_CLIENT, 50000), (LB_IP, 443), "S", b"")).unwrap();
     assert_eq!(parse_checked(&out.frame).dst, (LOCAL_POD, 8443));
     let out = bed.xdp(&tcp(([192, 0, 2, 200], 50000), (LB_IP, 443), "S", b"")).unwrap();
@@ -229,16 +205,13 @@ fn source_ranges_admit_only_listed_clients() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn session_affinity_keeps_a_client_on_one_backend() {
     let mut bed = bed();
     let backends: Vec<Be> = (1..=8).map(|i| Be::local([10, 244, 1, 10 + i], 8080)).collect();
-    bed.service(
-        FrontendKey::new(CLUSTER_IP, 80, IPPROTO_TCP),
-        FrontendKind::ClusterIp,
-        frontend_flags::AFFINITY,
-        &backends,
-    )
-    .unwrap();
+    let mut fe = desired(FrontendKind::ClusterIp, &backends);
+    fe.affinity_timeout = Some(10_800);
+    bed.program(frontend(CLUSTER_IP, 80, L4::Tcp), fe).unwrap();
     let first =
         parse_checked(&bed.tc(&tcp((POD_CLIENT, 40000), (CLUSTER_IP, 80), "S", b"")).unwrap().frame).dst;
     for port in 40001..40030 {
@@ -248,8 +221,7 @@ fn session_affinity_keeps_a_client_on_one_backend() {
     }
     // Without affinity, 30 connections over 8 backends use more than one.
     let mut bed = self::bed();
-    bed.service(FrontendKey::new(CLUSTER_IP, 80, IPPROTO_TCP), FrontendKind::ClusterIp, 0, &backends)
-        .unwrap();
+    bed.service(frontend(CLUSTER_IP, 80, L4::Tcp), FrontendKind::ClusterIp, &backends).unwrap();
     let mut seen = std::collections::HashSet::new();
     for port in 40000..40030 {
         seen.insert(
@@ -260,44 +232,33 @@ fn session_affinity_keeps_a_client_on_one_backend() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn flow_moves_only_when_its_backend_is_removed() {
     let mut bed = bed();
     let backends = [Be::local([10, 244, 1, 21], 8080), Be::local([10, 244, 1, 22], 8080)];
-    bed.service(FrontendKey::new(CLUSTER_IP, 80, IPPROTO_TCP), FrontendKind::ClusterIp, 0, &backends)
-        .unwrap();
+    bed.service(frontend(CLUSTER_IP, 80, L4::Tcp), FrontendKind::ClusterIp, &backends).unwrap();
     let syn = tcp((POD_CLIENT, 40000), (CLUSTER_IP, 80), "S", b"");
     let first = parse_checked(&bed.tc(&syn).unwrap().frame).dst;
     let data = tcp((POD_CLIENT, 40000), (CLUSTER_IP, 80), "A", b"x");
     for _ in 0..10 {
         assert_eq!(parse_checked(&bed.tc(&data).unwrap().frame).dst, first);
     }
-    // Remove the chosen backend: the flow must pick the other one.
-    let fwd = ct(&bed, CtKey::new(POD_CLIENT, CLUSTER_IP, 40000, 80, IPPROTO_TCP)).unwrap();
-    bed.maps.backends.remove(&fwd.backend_id).unwrap();
+    // Remove the chosen backend (as an endpoint change does): the flow
+    // must pick the other one.
     let other = backends.iter().map(|b| (b.addr, b.port)).find(|a| *a != first).unwrap();
-    // Slot 0/1 may still name the removed backend; keep only the other one.
-    let remaining =
-        bed.maps.backends.iter().filter_map(|r| r.ok()).find(|(_, b)| (b.addr, b.port) == other).unwrap().0;
-    bed.maps
-        .slots
-        .insert(&lb_common::SlotKey { frontend_id: fwd.frontend_id, slot: 0 }, &remaining, 0)
-        .unwrap();
-    let mut fe = bed.maps.services.get(&FrontendKey::new(CLUSTER_IP, 80, IPPROTO_TCP), 0).unwrap();
-    fe.backend_count = 1;
-    bed.maps.services.insert(&FrontendKey::new(CLUSTER_IP, 80, IPPROTO_TCP), &fe, 0).unwrap();
+    bed.update(frontend(CLUSTER_IP, 80, L4::Tcp), |fe| {
+        fe.backends.retain(|b| (b.addr, b.port) == (other.0.into(), other.1));
+    })
+    .unwrap();
     assert_eq!(parse_checked(&bed.tc(&data).unwrap().frame).dst, other);
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn closed_tcp_flow_starts_over_on_a_new_syn() {
     let mut bed = bed();
-    bed.service(
-        FrontendKey::new(CLUSTER_IP, 80, IPPROTO_TCP),
-        FrontendKind::ClusterIp,
-        0,
-        &[Be::local(LOCAL_POD, 8080)],
-    )
-    .unwrap();
+    bed.service(frontend(CLUSTER_IP, 80, L4::Tcp), FrontendKind::ClusterIp, &[Be::local(LOCAL_POD, 8080)])
+        .unwrap();
     let key = CtKey::new(POD_CLIENT, CLUSTER_IP, 40000, 80, IPPROTO_TCP);
     bed.tc(&tcp((POD_CLIENT, 40000), (CLUSTER_IP, 80), "S", b"")).unwrap();
     bed.tc(&tcp((POD_CLIENT, 40000), (CLUSTER_IP, 80), "R", b"")).unwrap();
@@ -309,28 +270,19 @@ fn closed_tcp_flow_starts_over_on_a_new_syn() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn udp_without_checksum_keeps_zero_and_vlan_tag_is_kept() {
     let mut bed = bed();
-    bed.service(
-        FrontendKey::new(EXTERNAL_IP, 53, IPPROTO_UDP),
-        FrontendKind::ExternalIp,
-        0,
-        &[Be::local(LOCAL_POD, 5353)],
-    )
-    .unwrap();
+    bed.service(frontend(EXTERNAL_IP, 53, L4::Udp), FrontendKind::ExternalIp, &[Be::local(LOCAL_POD, 5353)])
+        .unwrap();
     let out = bed.xdp(&packet::udp_no_checksum((EXT_CLIENT, 40000), (EXTERNAL_IP, 53), b"q")).unwrap();
     let seen = parse_checked(&out.frame);
     assert_eq!(seen.dst, (LOCAL_POD, 5353));
     assert_eq!(seen.l4_checksum, 0, "UDP checksum 0 stays 0");
 
     let tagged = packet::with_vlan(&tcp((EXT_CLIENT, 40001), (EXTERNAL_IP, 53), "S", b""));
-    bed.service(
-        FrontendKey::new(EXTERNAL_IP, 53, IPPROTO_TCP),
-        FrontendKind::ExternalIp,
-        0,
-        &[Be::local(LOCAL_POD, 5353)],
-    )
-    .unwrap();
+    bed.service(frontend(EXTERNAL_IP, 53, L4::Tcp), FrontendKind::ExternalIp, &[Be::local(LOCAL_POD, 5353)])
+        .unwrap();
     let out = bed.xdp(&tagged).unwrap();
     assert_eq!(out.action, XDP_PASS);
     assert_eq!(&out.frame[12..16], &[0x81, 0x00, 0x00, 100], "tag kept");
@@ -339,15 +291,11 @@ fn udp_without_checksum_keeps_zero_and_vlan_tag_is_kept() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn non_service_and_malformed_traffic_is_passed_untouched() {
     let mut bed = bed();
-    bed.service(
-        FrontendKey::new(CLUSTER_IP, 80, IPPROTO_TCP),
-        FrontendKind::ClusterIp,
-        0,
-        &[Be::local(LOCAL_POD, 8080)],
-    )
-    .unwrap();
+    bed.service(frontend(CLUSTER_IP, 80, L4::Tcp), FrontendKind::ClusterIp, &[Be::local(LOCAL_POD, 8080)])
+        .unwrap();
     let to_service = tcp((EXT_CLIENT, 50000), (CLUSTER_IP, 80), "S", b"");
 
     let mut cases: Vec<(&str, Vec<u8>)> = vec![
@@ -408,16 +356,12 @@ fn non_service_and_malformed_traffic_is_passed_untouched() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn pinned_maps_dump_with_field_names() {
     let mut bed = bed();
-    bed.service(
-        FrontendKey::new(CLUSTER_IP, 80, IPPROTO_TCP),
-        FrontendKind::ClusterIp,
-        0,
-        &[Be::local(LOCAL_POD, 8080)],
-    )
-    .unwrap();
-    let pin = bed.pin_dir.join(lb_common::MAP_SERVICES);
+    bed.service(frontend(CLUSTER_IP, 80, L4::Tcp), FrontendKind::ClusterIp, &[Be::local(LOCAL_POD, 8080)])
+        .unwrap();
+    let pin = bed.pin_dir.join(registry::SERVICES.name);
     let out = std::process::Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned"])
         .arg(&pin)
@@ -430,9 +374,19 @@ fn pinned_maps_dump_with_field_names() {
     {
         assert!(dump.contains(field), "field {field} missing from {dump}");
     }
-    // Every map is pinned under the directory, named as documented.
-    for name in lb_common::ALL_MAPS {
-        assert!(bed.pin_dir.join(name).exists(), "{name} is not pinned");
+    // Every map the registry pins is there, and no other.
+    for map in registry::MAPS {
+        assert_eq!(bed.pin_dir.join(map.name).exists(), map.pinned, "{} pinned: {}", map.name, map.pinned);
+    }
+    // The Service each frontend serves is there too, by name.
+    let names = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(bed.pin_dir.join(registry::SERVICE_NAMES.name))
+        .output()
+        .unwrap();
+    let names = String::from_utf8_lossy(&names.stdout);
+    for field in ["\"namespace\"", "\"name\"", "\"port\""] {
+        assert!(names.contains(field), "field {field} missing from {names}");
     }
 }
 
@@ -450,13 +404,14 @@ impl log::Log for Capture {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn programs_log_rejects_and_drops() {
     // The programs log at the level in force when they are loaded.
     log::set_max_level(log::LevelFilter::Debug);
     let mut bed = bed();
     static CAPTURE: Capture = Capture(std::sync::Mutex::new(Vec::new()));
     let mut logger = aya_log::EbpfLogger::init_with_logger(&mut bed.ebpf, &CAPTURE).expect("log map");
-    bed.service(FrontendKey::new(CLUSTER_IP, 53, IPPROTO_UDP), FrontendKind::ClusterIp, 0, &[]).unwrap();
+    bed.service(frontend(CLUSTER_IP, 53, L4::Udp), FrontendKind::ClusterIp, &[]).unwrap();
     bed.tc(&udp((POD_CLIENT, 40000), (CLUSTER_IP, 53), b"q")).unwrap();
     logger.flush();
     let lines = CAPTURE.0.lock().unwrap().clone();
@@ -472,6 +427,7 @@ fn programs_log_rejects_and_drops() {
 /// and a neighbour, so the FIB helper answers; runs pinned to CPU 0, whose
 /// cache is the one read.)
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn translated_packets_reuse_the_cached_next_hop() {
     lb_tests::require_root();
     let wire = Wire::new().expect("namespace with a route to the backends");
@@ -514,4 +470,65 @@ fn translated_packets_reuse_the_cached_next_hop() {
     cache.set(slot, aya::maps::PerCpuValues::try_from(expired).unwrap(), 0).unwrap();
     assert_eq!(send("A"), moved);
     assert_eq!(cache.get(&slot, 0).unwrap()[0].dmac, moved);
+}
+
+/// externalTrafficPolicy Local on a node without a local endpoint: an
+/// outside client is dropped, a pod reaches the cluster's endpoints through
+/// the frontend's internal twin (kube-proxy's "pod traffic for external
+/// destinations").
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn in_cluster_clients_of_a_local_policy_frontend_use_its_internal_twin() {
+    let mut bed = bed();
+    for (key, kind) in [
+        (frontend([0; 4], 30090, L4::Tcp), FrontendKind::NodePort),
+        (frontend(LB_IP, 80, L4::Tcp), FrontendKind::LoadBalancer),
+        (frontend(EXTERNAL_IP, 80, L4::Tcp), FrontendKind::ExternalIp),
+    ] {
+        let mut external = desired(kind, &[]);
+        external.local_only = true;
+        external.two_scopes = true;
+        external.standby = desired(kind, &[Be::remote(REMOTE_POD, 8080)]).backends;
+        bed.program(internal(key), desired(kind, &[Be::remote(REMOTE_POD, 8080)])).unwrap();
+        bed.program(key, external).unwrap();
+        let dst = match key.ip {
+            std::net::IpAddr::V4(ip) if !ip.is_unspecified() => ip.octets(),
+            _ => NODE_ADDR,
+        };
+
+        let out = bed.xdp(&tcp((EXT_CLIENT, 50000), (dst, key.port), "S", b"")).unwrap();
+        assert_eq!(out.action, XDP_DROP, "{kind:?}: an outside client gets no local endpoint");
+        let out = bed.tc(&tcp((POD_CLIENT, 40000), (dst, key.port), "S", b"")).unwrap();
+        assert_eq!(out.action, TC_ACT_OK, "{kind:?}");
+        let seen = parse_checked(&out.frame);
+        assert_eq!(
+            (seen.src, seen.dst),
+            ((POD_CLIENT, 40000), (REMOTE_POD, 8080)),
+            "{kind:?}: a pod gets the cluster's"
+        );
+        let reply = bed.xdp(&tcp((REMOTE_POD, 8080), (POD_CLIENT, 40000), "SA", b"")).unwrap();
+        assert_eq!(
+            parse_checked(&reply.frame).src,
+            (dst, key.port),
+            "{kind:?}: the reply comes from what the pod dialed"
+        );
+    }
+    assert_eq!(drops(&bed, Drop::NoLocalEndpoint), 3);
+}
+
+/// A NodePort answers on the node's addresses only: 0.0.0.0 (which the
+/// wildcard key uses) and other addresses pass untouched.
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn a_node_port_is_not_served_on_the_unspecified_address() {
+    let mut bed = bed();
+    bed.service(frontend([0; 4], 30080, L4::Tcp), FrontendKind::NodePort, &[Be::local(LOCAL_POD, 8080)])
+        .unwrap();
+    for dst in [[0, 0, 0, 0], [192, 0, 2, 99]] {
+        let frame = tcp((EXT_CLIENT, 50000), (dst, 30080), "S", b"");
+        for (what, out) in [("xdp", bed.xdp(&frame).unwrap()), ("tc", bed.tc(&frame).unwrap())] {
+            assert_eq!(out.frame, frame, "{what}: a frame to {dst:?} was rewritten");
+        }
+    }
+    assert_eq!(bed.maps.conntrack.iter().count(), 0);
 }

@@ -49,6 +49,7 @@ fn assert_all_from(answers: &[String], allowed: &[&str], what: &str) {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn s01_clusterip_from_a_pod_spreads_over_three_replicas() {
     let c = cluster();
     let answers = Cluster::http(&c.pod("client-pod").ns, "http://10.96.0.10/", 300).unwrap();
@@ -61,6 +62,7 @@ fn s01_clusterip_from_a_pod_spreads_over_three_replicas() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn s02_nodeport_on_both_nodes_reaches_local_and_remote_backends() {
     let c = cluster();
     for node in NODE_ADDRS {
@@ -74,6 +76,7 @@ fn s02_nodeport_on_both_nodes_reaches_local_and_remote_backends() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn s03_loadbalancer_ip_and_external_ip_from_outside() {
     let c = cluster();
     let lb = Cluster::http(&c.client, "http://198.51.100.10/", 30).unwrap();
@@ -83,6 +86,7 @@ fn s03_loadbalancer_ip_and_external_ip_from_outside() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn s04_multi_port_service_with_named_target_ports() {
     let c = cluster();
     let pod = &c.pod("client-pod").ns;
@@ -95,6 +99,7 @@ fn s04_multi_port_service_with_named_target_ports() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn s05_selectorless_service_with_hand_written_endpoints() {
     let c = cluster();
     let answers = Cluster::http(&c.pod("client-pod").ns, "http://10.96.0.14/", 10).unwrap();
@@ -102,6 +107,7 @@ fn s05_selectorless_service_with_hand_written_endpoints() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn s06_udp_through_clusterip_and_nodeport() {
     let c = cluster();
     let answers = Cluster::udp(&c.pod("client-pod").ns, "10.96.0.15:53", 20).unwrap();
@@ -118,6 +124,7 @@ fn s06_udp_through_clusterip_and_nodeport() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn s07_no_endpoints_refuses_at_once() {
     let c = cluster();
     let pod = &c.pod("client-pod").ns;
@@ -157,6 +164,7 @@ fn stream_backend(c: &Cluster) -> Option<String> {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn s08_not_ready_endpoint_gets_no_new_connections_but_keeps_its_streams() {
     let c = cluster();
     let pod = &c.pod("client-pod").ns;
@@ -185,6 +193,7 @@ fn s08_not_ready_endpoint_gets_no_new_connections_but_keeps_its_streams() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn s09_external_traffic_policy_local_keeps_the_client_address() {
     let c = cluster();
     let answer = Cluster::http_once(&c.client, &format!("http://{}:30090/whoami", NODE_ADDRS[0]), 3);
@@ -197,6 +206,7 @@ fn s09_external_traffic_policy_local_keeps_the_client_address() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn s10_session_affinity_keeps_each_client_on_one_backend() {
     let c = cluster();
     let url = format!("http://{}:30091/", NODE_ADDRS[0]);
@@ -209,6 +219,7 @@ fn s10_session_affinity_keeps_each_client_on_one_backend() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn s11_agent_restart_keeps_streams_and_new_connections_working() {
     let mut c = cluster();
     let pod_ns = c.pod("client-pod").ns.name.clone();
@@ -237,6 +248,7 @@ fn s11_agent_restart_keeps_streams_and_new_connections_working() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn s12_headless_and_externalname_have_no_frontends_and_no_errors() {
     let c = cluster();
     let dry = Command::new(agent_binary())
@@ -258,6 +270,7 @@ fn s12_headless_and_externalname_have_no_frontends_and_no_errors() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn s13_a_pod_interface_created_later_is_served() {
     let mut c = cluster();
     c.add_pod(PodSpec::new("late-client", 0, "10.244.1.60")).unwrap();
@@ -278,6 +291,7 @@ fn sample(text: &str, name: &str, label: &str) -> Option<f64> {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn s14_metrics_move_with_traffic() {
     let c = cluster();
     let scrape = || {
@@ -317,6 +331,7 @@ fn s14_metrics_move_with_traffic() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn s15_health_check_node_port_answers_like_kube_proxy() {
     let c = cluster();
     let get = |node: &str| {
@@ -338,4 +353,27 @@ fn s15_health_check_node_port_answers_like_kube_proxy() {
     let (code, body) = get(NODE_ADDRS[1]);
     assert_eq!(code, "503", "node-2 has none: {body}");
     assert_eq!(body["localEndpoints"], 0);
+}
+
+/// externalTrafficPolicy Local binds outside clients to the node they came
+/// to; pods are subject to neither policy (kube-proxy's "pod traffic for
+/// external destinations"): from node-2, which has no endpoint of `local`,
+/// a pod reaches its NodePort, LoadBalancer IP and external IP, while an
+/// outside client through node-2 is still dropped.
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn s16_pods_reach_local_policy_frontends_from_a_node_without_endpoints() {
+    let mut c = cluster();
+    c.add_pod(PodSpec::new("client-2", 1, "10.244.2.50")).unwrap();
+    let pod = &c.pod("client-2").ns;
+    for url in [
+        format!("http://{}:30090/", NODE_ADDRS[1]),
+        "http://198.51.100.19/".into(),
+        "http://203.0.113.19/".into(),
+    ] {
+        let answers = Cluster::http(pod, &url, 5).unwrap();
+        assert_all_from(&answers, &["web-a"], &url);
+    }
+    let answer = Cluster::http_once(&c.client, &format!("http://{}:30090/", NODE_ADDRS[1]), 2);
+    assert_eq!(answer, Err(28), "node-2 still drops outside clients");
 }

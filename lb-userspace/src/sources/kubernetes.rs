@@ -5,7 +5,7 @@
 //! server is away, and the stores keep the last known state meanwhile, so
 //! the node keeps forwarding with it.
 
-use std::{collections::BTreeMap, fmt::Debug, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt::Debug, net::IpAddr};
 
 use futures::StreamExt as _;
 use k8s_openapi::{
@@ -35,7 +35,7 @@ pub struct KubeSource {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeFacts {
     pub zone: Option<String>,
-    pub addresses: Vec<Ipv4Addr>,
+    pub addresses: Vec<IpAddr>,
 }
 
 impl KubeSource {
@@ -74,14 +74,15 @@ impl KubeSource {
     pub fn node(&self) -> NodeFacts {
         let Some(node) = self.node.state().into_iter().next() else { return NodeFacts::default() };
         let zone = node.metadata.labels.as_ref().and_then(|l| l.get(LABEL_ZONE)).cloned();
-        let mut addresses: BTreeMap<u8, Vec<Ipv4Addr>> = BTreeMap::new();
+        let mut addresses: BTreeMap<u8, Vec<IpAddr>> = BTreeMap::new();
         for a in node.status.iter().flat_map(|s| s.addresses.iter().flatten()) {
             let rank = match a.type_.as_str() {
                 "InternalIP" => 0,
                 "ExternalIP" => 1,
                 _ => continue,
             };
-            if let Ok(ip) = a.address.parse() {
+            // IPv4 only until the IPv6 maps come.
+            if let Ok(ip @ IpAddr::V4(_)) = a.address.parse() {
                 addresses.entry(rank).or_default().push(ip);
             }
         }

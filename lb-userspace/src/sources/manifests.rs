@@ -12,7 +12,10 @@ use std::{
     fmt,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
+
+use anyhow::{Context as _, Result};
 
 use k8s_openapi::{
     Metadata, Resource,
@@ -22,8 +25,10 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
+use notify::{RecursiveMode, Watcher as _};
 use serde::{Deserialize as _, de::DeserializeOwned};
 use serde_yaml_ng::Value;
+use tokio::sync::mpsc;
 
 use crate::model::{ClusterState, LABEL_SERVICE_NAME, object_ref};
 
@@ -298,5 +303,72 @@ impl Folder {
                 self.state.slices.remove(&k);
             }
         }
+    }
+}
+
+/// How long a manifest being written may stay open before it is read anyway.
+const SETTLE: Duration = Duration::from_millis(50);
+
+/// Follows the manifests at `path` until dropped: signals `changed` once
+/// they should be read again. A manifest closed after writing, renamed into
+/// place or removed is read at once; one that is being written, once it is
+/// closed or after `SETTLE` for writers that keep it open.
+pub struct Watch {
+    _watcher: notify::RecommendedWatcher,
+}
+
+impl Watch {
+    pub fn start(path: &Path, changed: mpsc::Sender<()>) -> Result<Self> {
+        use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+        let (now_tx, mut now_rx) = mpsc::channel::<()>(1);
+        let (settling_tx, mut settling_rx) = mpsc::channel::<()>(1);
+        let single = path.is_file().then(|| path.to_path_buf());
+        let watched = path.to_path_buf();
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else { return };
+            // Editors' swap files and writers' temporary files do not count;
+            // the folder itself (removed, renamed) does.
+            let ours = |p: &PathBuf| {
+                *p == watched
+                    || match &single {
+                        Some(file) => p == file,
+                        None => is_manifest(p),
+                    }
+            };
+            if !event.paths.iter().any(ours) {
+                return;
+            }
+            let _ = match event.kind {
+                EventKind::Access(AccessKind::Close(AccessMode::Write))
+                | EventKind::Modify(ModifyKind::Name(_))
+                | EventKind::Remove(_) => now_tx.try_send(()),
+                EventKind::Access(_) => return,
+                _ => settling_tx.try_send(()),
+            };
+        })?;
+        // Editors replace files by renaming: watch the folder, not the file.
+        let dir = if path.is_dir() { path } else { path.parent().unwrap_or(Path::new(".")) };
+        watcher
+            .watch(dir, RecursiveMode::NonRecursive)
+            .with_context(|| format!("watching {}", dir.display()))?;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    Some(()) = now_rx.recv() => {}
+                    Some(()) = settling_rx.recv() => {
+                        tokio::select! {
+                            Some(()) = now_rx.recv() => {}
+                            _ = tokio::time::sleep(SETTLE) => {}
+                        }
+                    }
+                    else => return,
+                }
+                while now_rx.try_recv().is_ok() || settling_rx.try_recv().is_ok() {}
+                if changed.send(()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Self { _watcher: watcher })
     }
 }

@@ -2,14 +2,20 @@
 //! plus this node's identity, in; the frontends and backends the dataplane
 //! must hold, out. No I/O here, so it is tested with golden files.
 //!
-//! Each Service is derived on its own (`derive`); clashes between Services
-//! over a frontend are settled by name order. The agent keeps a `Model`,
-//! which derives again only the Services whose objects changed.
+//! Each Service is derived on its own (`derive`): parsed into a spec
+//! (`spec`), then each port's endpoints (`endpoints`) and frontends
+//! (`frontends`). Clashes between Services over a frontend are settled by
+//! name order. The agent keeps a `Model`, which derives again only the
+//! Services whose objects changed.
+
+mod dump;
+mod endpoints;
+mod frontends;
+pub mod spec;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    fmt::Write as _,
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::Arc,
 };
 
@@ -18,16 +24,18 @@ use k8s_openapi::{
     api::{core::v1::Service, discovery::v1::EndpointSlice},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use lb_common::{FrontendKey, FrontendKind, IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::sorted::diff;
+pub use self::spec::DEFAULT_AFFINITY_TIMEOUT;
+use crate::{
+    frontend::{Frontend, FrontendKind},
+    sorted::diff,
+};
 
 /// Services carrying this label belong to another proxy.
 pub const LABEL_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 /// Set on the endpoints of headless services.
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
-pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
 /// `namespace/name`.
 pub type ObjectRef = String;
@@ -41,7 +49,7 @@ pub fn object_ref(meta: &ObjectMeta) -> ObjectRef {
 pub struct NodeInfo {
     pub name: String,
     pub zone: Option<String>,
-    pub addresses: Vec<Ipv4Addr>,
+    pub addresses: Vec<IpAddr>,
 }
 
 /// Everything the sources currently know, keyed by `namespace/name`. Shared
@@ -56,7 +64,7 @@ pub struct ClusterState {
 /// A pod endpoint as the dataplane sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DesiredBackend {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     /// On this node: reachable without SNAT.
     pub local: bool,
@@ -80,6 +88,9 @@ pub struct DesiredFrontend {
     /// Traffic policy Local while the service has endpoints elsewhere:
     /// with no local endpoint, drop instead of reject.
     pub local_only: bool,
+    /// An external frontend whose in-cluster clients use its
+    /// `Scope::Internal` twin (externalTrafficPolicy Local).
+    pub two_scopes: bool,
 }
 
 /// A problem with one object, reported and otherwise ignored.
@@ -102,19 +113,10 @@ pub struct HealthCheck {
 pub struct Desired {
     /// Shared with the `Model` that derived them: an unchanged frontend is
     /// the same allocation from one state to the next.
-    pub frontends: BTreeMap<FrontendKey, Arc<DesiredFrontend>>,
+    pub frontends: BTreeMap<Frontend, Arc<DesiredFrontend>>,
     /// healthCheckNodePort → what to answer there.
     pub health_checks: BTreeMap<u16, HealthCheck>,
     pub notes: Vec<Note>,
-}
-
-/// One endpoint of one service port, with its conditions.
-#[derive(Clone, Copy, Debug)]
-struct Endpoint {
-    backend: DesiredBackend,
-    ready: bool,
-    serving: bool,
-    terminating: bool,
 }
 
 /// The dataplane state kube-proxy's rules would give `state` on `node`.
@@ -135,7 +137,7 @@ pub struct Model {
     by_service: HashMap<ObjectRef, BTreeMap<ObjectRef, Arc<EndpointSlice>>>,
     /// Every Service that asks for a frontend (or health check port); the
     /// first by name holds it, as when kube-proxy walks them in order.
-    claims: HashMap<FrontendKey, BTreeSet<ObjectRef>>,
+    claims: HashMap<Frontend, BTreeSet<ObjectRef>>,
     health_claims: HashMap<u16, BTreeSet<ObjectRef>>,
     desired: Desired,
 }
@@ -158,6 +160,11 @@ fn same<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
 }
 
 impl Model {
+    /// The desired state of the last call.
+    pub fn current(&self) -> &Desired {
+        &self.desired
+    }
+
     pub fn desired(&mut self, state: &ClusterState, node: &NodeInfo) -> &Desired {
         if *node != self.node {
             *self = Self { node: node.clone(), ..Default::default() };
@@ -281,9 +288,8 @@ impl Model {
                 notes.push(Note {
                     object: other.clone(),
                     message: format!(
-                        "{} {} is already used by {holder} ({}): not programmed",
+                        "{} {key} is already used by {holder} ({}): not programmed",
                         fe.kind.as_str(),
-                        frontend_str(key),
                         held.kind.as_str()
                     ),
                 });
@@ -317,7 +323,7 @@ fn release<K: std::hash::Hash + Eq>(claims: &mut HashMap<K, BTreeSet<ObjectRef>>
     }
 }
 
-fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+pub(crate) fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
     meta.labels.as_ref()?.get(key).map(String::as_str)
 }
 
@@ -340,301 +346,52 @@ fn slice_owner(slice: &EndpointSlice) -> Result<ObjectRef, Option<String>> {
     Ok(format!("{ns}/{service}"))
 }
 
-fn protocol(p: Option<&str>) -> Result<u8, String> {
-    match p.unwrap_or("TCP") {
-        "TCP" => Ok(IPPROTO_TCP),
-        "UDP" => Ok(IPPROTO_UDP),
-        "SCTP" => Err("SCTP is not programmed yet (the dataplane handles TCP and UDP)".into()),
-        other => Err(format!("unknown protocol {other}")),
-    }
-}
-
-/// The endpoints of the service port named `port_name`, matched by name and
-/// protocol to the slices' ports, which carry the resolved target port.
-fn endpoints(slices: &[Arc<EndpointSlice>], port_name: &str, proto: u8, node: &NodeInfo) -> Vec<Endpoint> {
-    let mut seen = BTreeSet::new();
-    let mut out = Vec::new();
-    for slice in slices {
-        let Some(port) = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or("") == port_name && protocol(p.protocol.as_deref()) == Ok(proto)
-        }) else {
-            continue;
-        };
-        let Some(port) = port.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
-            continue;
-        };
-        for ep in &slice.endpoints {
-            // kube-proxy uses the first address of an endpoint.
-            let Some(addr) = ep.addresses.first().and_then(|a| a.parse::<Ipv4Addr>().ok()) else {
-                continue;
-            };
-            let local = ep.node_name.as_deref() == Some(node.name.as_str());
-            let backend = DesiredBackend { addr, port, local };
-            if !seen.insert((addr, port)) {
-                continue;
-            }
-            let c = ep.conditions.as_ref();
-            out.push(Endpoint {
-                backend,
-                ready: c.and_then(|c| c.ready).unwrap_or(true),
-                serving: c.and_then(|c| c.serving).unwrap_or(true),
-                terminating: c.and_then(|c| c.terminating).unwrap_or(false),
-            });
-        }
-    }
-    out
-}
-
-/// kube-proxy's choice: ready endpoints; when none is ready, those still
-/// serving while terminating.
-fn usable<'a>(eps: impl Iterator<Item = &'a Endpoint> + Clone) -> Vec<DesiredBackend> {
-    let mut ready: Vec<_> = eps.clone().filter(|e| e.ready).map(|e| e.backend).collect();
-    if ready.is_empty() {
-        ready = eps.filter(|e| e.serving && e.terminating).map(|e| e.backend).collect();
-    }
-    ready.sort();
-    ready
-}
-
 /// What one Service asks for, before clashes with other Services are settled.
 #[derive(Debug, Default)]
 struct Derived {
-    frontends: Vec<(FrontendKey, Arc<DesiredFrontend>)>,
+    frontends: Vec<(Frontend, Arc<DesiredFrontend>)>,
     health_check: Option<(u16, HealthCheck)>,
     notes: Vec<Note>,
 }
 
 impl Derived {
-    fn frontend(&self, key: &FrontendKey) -> Option<&Arc<DesiredFrontend>> {
+    fn frontend(&self, key: &Frontend) -> Option<&Arc<DesiredFrontend>> {
         self.frontends.iter().find(|(k, _)| k == key).map(|(_, fe)| fe)
     }
 }
 
 fn derive(name: &str, svc: &Service, slices: &[Arc<EndpointSlice>], node: &NodeInfo) -> Derived {
     let mut d = Derived::default();
-    service(name, svc, slices, node, &mut d);
-    d
-}
-
-fn service(name: &str, svc: &Service, slices: &[Arc<EndpointSlice>], node: &NodeInfo, d: &mut Derived) {
-    let note = |d: &mut Derived, message: String| d.notes.push(Note { object: name.to_string(), message });
-    if let Some(proxy) = label(&svc.metadata, LABEL_PROXY_NAME) {
-        note(d, format!("handled by service proxy {proxy:?}: skipped"));
-        return;
-    }
-    let Some(spec) = &svc.spec else {
-        note(d, "no spec: skipped".into());
-        return;
-    };
-    let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
-    if svc_type == "ExternalName" {
-        return;
-    }
-    let mut cluster_ips: Vec<&str> = spec.cluster_ips.iter().flatten().map(String::as_str).collect();
-    if cluster_ips.is_empty() {
-        cluster_ips.extend(spec.cluster_ip.as_deref());
-    }
-    if cluster_ips.contains(&"None") {
-        return; // headless: DNS only
-    }
-    let v4 = |d: &mut Derived, what: &str, ip: &str| -> Option<Ipv4Addr> {
-        match ip.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(a)) => Some(a),
-            Ok(std::net::IpAddr::V6(_)) => {
-                note(d, format!("{what} {ip}: IPv6 waits for the IPv6 dataplane, not programmed"));
-                None
-            }
-            Err(_) => {
-                note(d, format!("{what} {ip:?} is not an IP address: ignored"));
-                None
-            }
-        }
-    };
-    let cluster_ips: Vec<Ipv4Addr> = cluster_ips.iter().filter_map(|ip| v4(d, "clusterIP", ip)).collect();
-    let external_ips: Vec<Ipv4Addr> =
-        spec.external_ips.iter().flatten().filter_map(|ip| v4(d, "externalIP", ip)).collect();
-    let mut lb_ips = Vec::new();
-    if svc_type == "LoadBalancer" {
-        for ing in svc
-            .status
-            .iter()
-            .filter_map(|s| s.load_balancer.as_ref())
-            .flat_map(|lb| lb.ingress.iter().flatten())
-        {
-            // ipMode Proxy: the cloud load balancer proxies; traffic never
-            // arrives addressed to the VIP.
-            if ing.ip_mode.as_deref() == Some("Proxy") {
-                continue;
-            }
-            if let Some(ip) = ing.ip.as_deref().and_then(|ip| v4(d, "load balancer ingress", ip)) {
-                lb_ips.push(ip);
-            }
-        }
-    }
-    let mut source_ranges = Vec::new();
-    for r in spec.load_balancer_source_ranges.iter().flatten() {
-        match r.trim().parse::<Ipv4Net>() {
-            Ok(net) => source_ranges.push(net.trunc()),
-            Err(_) if r.contains(':') => {}
-            Err(_) => note(d, format!("loadBalancerSourceRanges entry {r:?} is not a CIDR: ignored")),
-        }
-    }
-    let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-        spec.session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
-            .and_then(|t| u32::try_from(t).ok())
-            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
-    });
-    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-    let node_ports = matches!(svc_type, "NodePort" | "LoadBalancer");
-    let health_port = spec.health_check_node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0);
+    let mut notes = Vec::new();
+    let spec = spec::parse(svc, &mut |message| notes.push(message));
+    d.notes.extend(notes.into_iter().map(|message| Note { object: name.to_string(), message }));
+    let Some(spec) = spec else { return d };
     let mut local_ready = BTreeSet::new();
-
-    for port in spec.ports.iter().flatten() {
-        let port_name = port.name.clone().unwrap_or_default();
-        let proto = match protocol(port.protocol.as_deref()) {
-            Ok(p) => p,
-            Err(e) => {
-                note(d, format!("port {} ({port_name:?}): {e}", port.port));
-                continue;
+    for port in &spec.ports {
+        let eps = endpoints::endpoints(slices, &port.name, port.l4, node);
+        let (frontends, local) = frontends::port_frontends(name, &spec, port, &eps);
+        local_ready.extend(local);
+        for (key, fe) in frontends {
+            // A Service naming one frontend twice keeps the first.
+            match d.frontend(&key) {
+                Some(other) => {
+                    let message = format!(
+                        "{} {key} is already used by {} ({}): not programmed",
+                        fe.kind.as_str(),
+                        other.service,
+                        other.kind.as_str()
+                    );
+                    d.notes.push(Note { object: name.to_string(), message });
+                }
+                None => d.frontends.push((key, fe)),
             }
-        };
-        let Ok(svc_port) = u16::try_from(port.port) else {
-            note(d, format!("port {} is out of range: ignored", port.port));
-            continue;
-        };
-        let eps = endpoints(slices, &port_name, proto, node);
-        let cluster = usable(eps.iter());
-        let local = usable(eps.iter().filter(|e| e.backend.local));
-        local_ready.extend(local.iter().map(|b| b.addr));
-        let any_usable = !cluster.is_empty() || !local.is_empty();
-        let all: Vec<DesiredBackend> = eps.iter().map(|e| e.backend).collect();
-
-        let make = |kind, local_policy: bool, ranges: &[Ipv4Net]| {
-            let backends = if local_policy { local.clone() } else { cluster.clone() };
-            let mut standby: Vec<_> = all.iter().filter(|b| !backends.contains(b)).copied().collect();
-            standby.sort();
-            DesiredFrontend {
-                service: name.to_string(),
-                port_name: port_name.clone(),
-                kind,
-                backends,
-                standby,
-                affinity_timeout,
-                source_ranges: ranges.to_vec(),
-                local_only: local_policy && any_usable,
-            }
-        };
-        // A Service naming one frontend twice keeps the first.
-        let add = |d: &mut Derived, key: FrontendKey, fe: DesiredFrontend| match d.frontend(&key) {
-            Some(other) => {
-                let message = format!(
-                    "{} {} is already used by {} ({}): not programmed",
-                    fe.kind.as_str(),
-                    frontend_str(&key),
-                    other.service,
-                    other.kind.as_str()
-                );
-                d.notes.push(Note { object: name.to_string(), message });
-            }
-            None => d.frontends.push((key, Arc::new(fe))),
-        };
-        for ip in &cluster_ips {
-            add(
-                d,
-                FrontendKey::new(ip.octets(), svc_port, proto),
-                make(FrontendKind::ClusterIp, internal_local, &[]),
-            );
-        }
-        if node_ports && let Some(np) = port.node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0)
-        {
-            add(d, FrontendKey::new([0; 4], np, proto), make(FrontendKind::NodePort, external_local, &[]));
-        }
-        for ip in &external_ips {
-            add(
-                d,
-                FrontendKey::new(ip.octets(), svc_port, proto),
-                make(FrontendKind::ExternalIp, external_local, &[]),
-            );
-        }
-        for ip in &lb_ips {
-            add(
-                d,
-                FrontendKey::new(ip.octets(), svc_port, proto),
-                make(FrontendKind::LoadBalancer, external_local, &source_ranges),
-            );
         }
     }
-    // kube-proxy serves it for LoadBalancer services with policy Local: the
-    // cloud load balancer sends traffic only to nodes answering 200.
-    if svc_type == "LoadBalancer"
-        && external_local
-        && let Some(port) = health_port
-    {
+    if let Some(port) = spec.health_check_port {
         let namespace = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
         let service = svc.metadata.name.clone().unwrap_or_default();
         d.health_check =
             Some((port, HealthCheck { namespace, name: service, local_endpoints: local_ready.len() }));
     }
-}
-
-pub fn frontend_str(key: &FrontendKey) -> String {
-    let proto = match key.proto {
-        IPPROTO_TCP => "TCP",
-        IPPROTO_UDP => "UDP",
-        _ => "?",
-    };
-    if key.addr == [0; 4] {
-        format!("*:{}/{proto}", key.port)
-    } else {
-        format!("{}:{}/{proto}", Ipv4Addr::from(key.addr), key.port)
-    }
-}
-
-impl Desired {
-    /// A stable, human-readable dump (golden files, `--dry-run`).
-    pub fn dump(&self) -> String {
-        let mut out = String::new();
-        for (key, fe) in &self.frontends {
-            let _ = write!(out, "{} {} {}", frontend_str(key), fe.kind.as_str(), fe.service);
-            if !fe.port_name.is_empty() {
-                let _ = write!(out, " port={}", fe.port_name);
-            }
-            if let Some(t) = fe.affinity_timeout {
-                let _ = write!(out, " affinity=ClientIP/{t}s");
-            }
-            if fe.local_only {
-                let _ = write!(out, " local-only");
-            }
-            if !fe.source_ranges.is_empty() {
-                let ranges: Vec<String> = fe.source_ranges.iter().map(|r| r.to_string()).collect();
-                let _ = write!(out, " source-ranges={}", ranges.join(","));
-            }
-            out.push('\n');
-            if fe.backends.is_empty() {
-                let action = if fe.local_only { "drop" } else { "reject" };
-                let _ = writeln!(out, "  (no endpoints: {action})");
-            }
-            for b in &fe.backends {
-                let _ = writeln!(out, "  -> {}:{}{}", b.addr, b.port, if b.local { " local" } else { "" });
-            }
-            for b in &fe.standby {
-                let _ = writeln!(out, "  .. {}:{} (existing flows only)", b.addr, b.port);
-            }
-        }
-        for (port, hc) in &self.health_checks {
-            let _ = writeln!(
-                out,
-                "healthCheckNodePort {port} {}/{}: {} local endpoint(s)",
-                hc.namespace, hc.name, hc.local_endpoints
-            );
-        }
-        for n in &self.notes {
-            let _ = writeln!(out, "note: {}: {}", n.object, n.message);
-        }
-        out
-    }
+    d
 }

@@ -1,0 +1,128 @@
+//! What happens to a packet: an established flow keeps its translation; the
+//! first packet to a frontend gets a backend (`lb`), a forwarding decision
+//! and both conntrack entries. The hooks carry the verdict out.
+
+use lb_common::{Backend, CtEntry, CtKey, Drop, Frontend, Nat, backend_flags, ct_flags};
+
+use crate::{
+    conntrack,
+    lb::{self, Choice, Origin},
+    maps::{self, count_packet},
+    parse::Packet,
+    snat,
+};
+
+pub enum Verdict {
+    /// Not service traffic: leave it to the stack.
+    Pass,
+    Drop(Drop),
+    /// Service without endpoints: answer ICMP port unreachable.
+    Reject,
+    /// Rewrite the packet as its conntrack entry says.
+    Translate(Nat),
+}
+
+/// How a new flow reaches its backend.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Forwarding {
+    /// Destination NAT only: the reply passes this node anyway.
+    Direct,
+    /// Also source NAT to this node, so that the reply comes back here to
+    /// be translated: an external client reaching a backend on another node.
+    Snat,
+}
+
+#[inline(always)]
+pub fn forwarding(origin: Origin, backend: &Backend) -> Forwarding {
+    if origin == Origin::External && backend.flags & backend_flags::LOCAL == 0 {
+        Forwarding::Snat
+    } else {
+        Forwarding::Direct
+    }
+}
+
+#[inline(always)]
+pub fn process(pkt: &Packet, origin: Origin) -> Verdict {
+    let now = conntrack::now();
+    if let Some(entry) = conntrack::lookup(&pkt.key, pkt.tcp_flags, now) {
+        // A request keeps its backend while the backend exists; replies are
+        // always translated back.
+        if entry.is_reply() || maps::backend_exists(entry.backend_id) {
+            count_packet(entry.frontend_id, pkt.ip_len as u32, false);
+            return Verdict::Translate(entry.nat());
+        }
+    }
+    match lb::frontend(pkt.key.daddr, pkt.key.dport, pkt.key.proto, origin) {
+        Some(fe) => new_flow(pkt, &fe, origin, now),
+        None => Verdict::Pass,
+    }
+}
+
+// Its own BPF function: a stack frame apart from the established-flow path.
+#[inline(never)]
+fn new_flow(pkt: &Packet, fe: &Frontend, origin: Origin, now: u64) -> Verdict {
+    let client = pkt.key.saddr;
+    let (backend_id, backend) = match lb::choose(fe, client, now) {
+        Choice::Backend(id, backend) => (id, backend),
+        Choice::Reject => return Verdict::Reject,
+        Choice::Drop(reason) => return Verdict::Drop(reason),
+    };
+    match open(pkt, fe.id, backend_id, &backend, forwarding(origin, &backend), now) {
+        Ok(nat) => {
+            lb::remember(fe, client, backend_id, now);
+            count_packet(fe.id, pkt.ip_len as u32, true);
+            Verdict::Translate(nat)
+        }
+        Err(reason) => Verdict::Drop(reason),
+    }
+}
+
+/// Writes both conntrack entries of a new flow and returns the request's
+/// rewrite. The reply entry goes in first: once the request entry exists,
+/// the flow's replies must find theirs.
+#[inline(always)]
+fn open(
+    pkt: &Packet,
+    frontend_id: u32,
+    backend_id: u32,
+    backend: &Backend,
+    how: Forwarding,
+    now: u64,
+) -> Result<Nat, Drop> {
+    let mut request = CtEntry {
+        nat_daddr: backend.addr,
+        nat_dport: backend.port,
+        backend_id,
+        frontend_id,
+        last_seen: now,
+        flags: ct_flags::REWRITE_DST,
+        tcp: pkt.tcp_flags,
+        ..CtEntry::default()
+    };
+    let mut reply = CtEntry {
+        nat_saddr: pkt.key.daddr,
+        nat_sport: pkt.key.dport,
+        backend_id,
+        frontend_id,
+        last_seen: now,
+        flags: ct_flags::REPLY | ct_flags::REWRITE_SRC,
+        ..CtEntry::default()
+    };
+    let mut reply_key = CtKey::new(backend.addr, pkt.key.saddr, backend.port, pkt.key.sport, pkt.key.proto);
+    match how {
+        Forwarding::Direct => conntrack::insert(&reply_key, &reply).map_err(|_| Drop::ConntrackFull)?,
+        Forwarding::Snat => {
+            let cfg = maps::config().ok_or(Drop::NoConfig)?;
+            // Replies arrive for the node's port and go back to the client.
+            reply.flags |= ct_flags::REWRITE_DST | ct_flags::SNAT;
+            reply.nat_daddr = pkt.key.saddr;
+            reply.nat_dport = pkt.key.sport;
+            let port = snat::claim_port(&mut reply_key, &reply, &cfg).ok_or(Drop::NatExhausted)?;
+            request.flags |= ct_flags::REWRITE_SRC | ct_flags::SNAT;
+            request.nat_saddr = cfg.snat_addr;
+            request.nat_sport = port;
+        }
+    }
+    conntrack::insert(&pkt.key, &request).map_err(|_| Drop::ConntrackFull)?;
+    Ok(request.nat())
+}

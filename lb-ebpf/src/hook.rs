@@ -1,0 +1,155 @@
+//! One body for every packet hook: parse, decide (`flow::process`), carry
+//! the verdict out. What differs between XDP and a socket buffer (how to
+//! rewrite, forward, answer, and the action codes) sits behind `Hook`.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    programs::{TcContext, XdpContext},
+};
+use aya_log_ebpf::debug;
+use lb_common::{Drop, Nat};
+
+use crate::{
+    flow::{self, Verdict},
+    fwd,
+    lb::Origin,
+    maps::count_drop,
+    nat,
+    parse::{self, Packet},
+    reject,
+};
+
+/// Largest header span the TC program needs in the linear area: Ethernet
+/// with a tag, IPv4 with options, a TCP header.
+const TC_PULL_LEN: u32 = 18 + 60 + 20;
+
+pub trait Hook: EbpfContext {
+    type Action: Copy;
+    const PASS: Self::Action;
+    const DROP: Self::Action;
+    /// For log lines.
+    const NAME: &'static str;
+
+    fn packet(&self) -> Option<Packet>;
+    /// Rewrites the packet in place as `nat` says.
+    fn rewrite(&self, pkt: &Packet, nat: &Nat) -> bool;
+    /// Where a translated packet goes next.
+    fn forward(&self, pkt: &Packet, nat: &Nat) -> Self::Action;
+    /// Turns the packet into an ICMP port unreachable back to its sender;
+    /// `None` if it could not be built.
+    fn reject(&self, pkt: &Packet) -> Option<Self::Action>;
+}
+
+#[inline(always)]
+pub fn run<H: Hook>(ctx: &H, origin: Origin) -> H::Action {
+    let Some(pkt) = ctx.packet() else {
+        return H::PASS;
+    };
+    let k = &pkt.key;
+    match flow::process(&pkt, origin) {
+        Verdict::Pass => H::PASS,
+        Verdict::Drop(reason) => {
+            count_drop(reason);
+            debug!(
+                ctx,
+                "{} drop (reason {}): {:i}:{} -> {:i}:{}",
+                H::NAME,
+                reason as u32,
+                k.saddr,
+                k.sport,
+                k.daddr,
+                k.dport
+            );
+            H::DROP
+        }
+        Verdict::Reject => match ctx.reject(&pkt) {
+            Some(action) => {
+                count_drop(Drop::Rejected);
+                debug!(
+                    ctx,
+                    "{} reject, no endpoint: {:i}:{} -> {:i}:{}",
+                    H::NAME,
+                    k.saddr,
+                    k.sport,
+                    k.daddr,
+                    k.dport
+                );
+                action
+            }
+            None => {
+                count_drop(Drop::RejectFailed);
+                H::DROP
+            }
+        },
+        Verdict::Translate(nat) => {
+            if ctx.rewrite(&pkt, &nat) {
+                ctx.forward(&pkt, &nat)
+            } else {
+                count_drop(Drop::RewriteFailed);
+                H::DROP
+            }
+        }
+    }
+}
+
+impl Hook for XdpContext {
+    type Action = u32;
+    const PASS: u32 = xdp_action::XDP_PASS;
+    const DROP: u32 = xdp_action::XDP_DROP;
+    const NAME: &'static str = "xdp";
+
+    #[inline(always)]
+    fn packet(&self) -> Option<Packet> {
+        let (data, data_end) = (self.data(), self.data_end());
+        parse::parse(data, data_end, data_end - data)
+    }
+
+    #[inline(always)]
+    fn rewrite(&self, pkt: &Packet, nat: &Nat) -> bool {
+        nat::rewrite_xdp(self.data(), self.data_end(), pkt, nat).is_some()
+    }
+
+    #[inline(always)]
+    fn forward(&self, pkt: &Packet, nat: &Nat) -> u32 {
+        fwd::xdp(self, pkt, nat)
+    }
+
+    #[inline(always)]
+    fn reject(&self, pkt: &Packet) -> Option<u32> {
+        reject::xdp(self, pkt)
+    }
+}
+
+impl Hook for TcContext {
+    type Action = i32;
+    const PASS: i32 = TC_ACT_OK;
+    const DROP: i32 = TC_ACT_SHOT;
+    const NAME: &'static str = "tc";
+
+    #[inline(always)]
+    fn packet(&self) -> Option<Packet> {
+        let want = TC_PULL_LEN.min(self.len());
+        if ((self.data_end() - self.data()) as u32) < want {
+            // Headers may sit outside the linear area: pull them in first.
+            let _ = self.pull_data(want);
+        }
+        parse::parse(self.data(), self.data_end(), self.len() as usize)
+    }
+
+    #[inline(always)]
+    fn rewrite(&self, pkt: &Packet, nat: &Nat) -> bool {
+        nat::rewrite_tc(self, pkt, nat).is_ok()
+    }
+
+    /// Pod traffic continues into the stack, which routes it.
+    #[inline(always)]
+    fn forward(&self, _pkt: &Packet, _nat: &Nat) -> i32 {
+        TC_ACT_OK
+    }
+
+    #[inline(always)]
+    fn reject(&self, pkt: &Packet) -> Option<i32> {
+        reject::tc(self, pkt)
+    }
+}

@@ -1,0 +1,53 @@
+//! The desired state as text: golden files and `--dry-run`.
+
+use std::fmt::Write as _;
+
+use super::Desired;
+
+impl Desired {
+    /// A stable, human-readable dump.
+    pub fn dump(&self) -> String {
+        let mut out = String::new();
+        for (key, fe) in &self.frontends {
+            let _ = write!(out, "{key} {} {}", fe.kind.as_str(), fe.service);
+            if !fe.port_name.is_empty() {
+                let _ = write!(out, " port={}", fe.port_name);
+            }
+            if let Some(t) = fe.affinity_timeout {
+                let _ = write!(out, " affinity=ClientIP/{t}s");
+            }
+            if fe.local_only {
+                let _ = write!(out, " local-only");
+            }
+            if fe.two_scopes {
+                let _ = write!(out, " in-cluster-clients=internal");
+            }
+            if !fe.source_ranges.is_empty() {
+                let ranges: Vec<String> = fe.source_ranges.iter().map(|r| r.to_string()).collect();
+                let _ = write!(out, " source-ranges={}", ranges.join(","));
+            }
+            out.push('\n');
+            if fe.backends.is_empty() {
+                let action = if fe.local_only { "drop" } else { "reject" };
+                let _ = writeln!(out, "  (no endpoints: {action})");
+            }
+            for b in &fe.backends {
+                let _ = writeln!(out, "  -> {}:{}{}", b.addr, b.port, if b.local { " local" } else { "" });
+            }
+            for b in &fe.standby {
+                let _ = writeln!(out, "  .. {}:{} (existing flows only)", b.addr, b.port);
+            }
+        }
+        for (port, hc) in &self.health_checks {
+            let _ = writeln!(
+                out,
+                "healthCheckNodePort {port} {}/{}: {} local endpoint(s)",
+                hc.namespace, hc.name, hc.local_endpoints
+            );
+        }
+        for n in &self.notes {
+            let _ = writeln!(out, "note: {}: {}", n.object, n.message);
+        }
+        out
+    }
+}

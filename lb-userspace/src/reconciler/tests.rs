@@ -1,0 +1,251 @@
+use std::net::Ipv4Addr;
+
+use lb_common::{FrontendKind, L4};
+use proptest::prelude::*;
+
+use super::*;
+
+fn node() -> NodeSettings {
+    let addr = IpAddr::from([192, 0, 2, 11]);
+    NodeSettings { addresses: [addr].into(), snat_addr: addr, nat_ports: (61000, 65535) }
+}
+
+fn be(last: u8) -> DesiredBackend {
+    DesiredBackend { addr: Ipv4Addr::new(10, 244, 1, last).into(), port: 8080, local: true }
+}
+
+fn web() -> Frontend {
+    Frontend::new(Ipv4Addr::new(10, 96, 0, 10), 80, L4::Tcp)
+}
+
+fn frontend(service: &str, backends: &[u8]) -> DesiredFrontend {
+    DesiredFrontend {
+        service: service.into(),
+        port_name: String::new(),
+        kind: FrontendKind::ClusterIp,
+        backends: backends.iter().map(|b| be(*b)).collect(),
+        standby: vec![],
+        affinity_timeout: None,
+        source_ranges: vec![],
+        local_only: false,
+        two_scopes: false,
+    }
+}
+
+fn desired(backends: &[u8]) -> Desired {
+    let mut d = Desired::default();
+    d.frontends.insert(web(), Arc::new(frontend("default/web", backends)));
+    d
+}
+
+fn position(ops: &[Op], pred: impl Fn(&Op) -> bool) -> usize {
+    ops.iter().position(pred).expect("op present")
+}
+
+#[test]
+fn new_service_writes_backends_then_slots_then_frontend() {
+    let mut r = Reconciler::new();
+    let ops = r.plan(&desired(&[1, 2, 3]), &node()).unwrap();
+    let last_backend = ops.iter().rposition(|o| matches!(o, Op::PutBackend(..))).unwrap();
+    let first_slot = position(&ops, |o| matches!(o, Op::PutSlot(..)));
+    let last_slot = ops.iter().rposition(|o| matches!(o, Op::PutSlot(..))).unwrap();
+    let name = position(&ops, |o| matches!(o, Op::PutName(..)));
+    let frontend = position(&ops, |o| matches!(o, Op::PutFrontend(..)));
+    assert!(last_backend < first_slot && last_slot < frontend && name < frontend, "{ops:#?}");
+    assert!(matches!(ops[frontend], Op::PutFrontend(_, lb_common::Frontend { backend_count: 3, .. })));
+    // The same state again changes nothing.
+    assert_eq!(r.plan(&desired(&[1, 2, 3]), &node()).unwrap(), vec![]);
+}
+
+#[test]
+fn one_endpoint_change_is_a_handful_of_writes() {
+    let many: Vec<u8> = (1..=100).collect();
+    let mut r = Reconciler::new();
+    r.plan(&desired(&many), &node()).unwrap();
+    // Remove one backend in the middle: refill its slot from the tail,
+    // shrink the count, drop the tail slot, delete the backend.
+    let fewer: Vec<u8> = many.iter().copied().filter(|b| *b != 50).collect();
+    let ops = r.plan(&desired(&fewer), &node()).unwrap();
+    assert_eq!(ops.len(), 4, "{ops:#?}");
+    let put = position(&ops, |o| matches!(o, Op::PutSlot(..)));
+    let fe = position(&ops, |o| matches!(o, Op::PutFrontend(..)));
+    let del = position(&ops, |o| matches!(o, Op::DelSlot(..)));
+    let del_backend = position(&ops, |o| matches!(o, Op::DelBackend(..)));
+    assert!(put < fe && fe < del && del < del_backend, "{ops:#?}");
+    // Add one: a backend, a tail slot, the count.
+    let ops = r.plan(&desired(&many), &node()).unwrap();
+    assert_eq!(ops.len(), 3, "{ops:#?}");
+}
+
+#[test]
+fn removed_service_is_deleted_frontend_first_and_its_id_reused() {
+    let mut r = Reconciler::new();
+    let ops = r.plan(&desired(&[1, 2]), &node()).unwrap();
+    let Some(Op::PutFrontend(_, fe)) = ops.iter().find(|o| matches!(o, Op::PutFrontend(..))) else {
+        panic!()
+    };
+    let ops = r.plan(&Desired::default(), &node()).unwrap();
+    assert!(matches!(ops[0], Op::DelFrontend(_)), "{ops:#?}");
+    assert!(ops.contains(&Op::DelName(fe.id)), "{ops:#?}");
+    assert!(matches!(ops.last(), Some(Op::DelBackend(_))));
+    assert_eq!(r.summary(), Summary::default());
+    let ops = r.plan(&desired(&[3]), &node()).unwrap();
+    assert!(ops.contains(&Op::ResetStats(fe.id)), "the freed id is reused with fresh counters");
+}
+
+#[test]
+fn a_shared_backend_stays_while_any_frontend_names_it() {
+    let mut r = Reconciler::new();
+    let other = Frontend::new(Ipv4Addr::new(10, 96, 0, 11), 80, L4::Tcp);
+    let mut both = desired(&[1, 2]);
+    both.frontends.insert(other, Arc::new(frontend("default/other", &[1, 2])));
+    r.plan(&both, &node()).unwrap();
+    assert_eq!(r.summary(), Summary { frontends: 2, backends: 2 });
+    // The first frontend drops backend 2; the second still names it.
+    let mut d = both.clone();
+    Arc::make_mut(d.frontends.get_mut(&web()).unwrap()).backends.pop();
+    let ops = r.plan(&d, &node()).unwrap();
+    assert!(!ops.iter().any(|o| matches!(o, Op::DelBackend(_))), "{ops:#?}");
+    // Now the second drops it too.
+    Arc::make_mut(d.frontends.get_mut(&other).unwrap()).backends.pop();
+    let ops = r.plan(&d, &node()).unwrap();
+    assert_eq!(ops.iter().filter(|o| matches!(o, Op::DelBackend(_))).count(), 1, "{ops:#?}");
+    assert_eq!(r.summary().backends, 1);
+}
+
+#[test]
+fn an_internal_twin_is_written_before_and_removed_after_its_external_frontend() {
+    let external = Frontend::node_port(30080, L4::Tcp);
+    let internal = external.with_scope(Scope::Internal);
+    let mut d = Desired::default();
+    let mut ext = frontend("default/web", &[1]);
+    ext.kind = FrontendKind::NodePort;
+    ext.two_scopes = true;
+    d.frontends.insert(external, Arc::new(ext));
+    d.frontends.insert(internal, Arc::new(frontend("default/web", &[1, 2])));
+    let mut r = Reconciler::new();
+    let ops = r.plan(&d, &node()).unwrap();
+    let put = |scope: Scope| position(&ops, |o| matches!(o, Op::PutFrontend(k, _) if k.scope == scope as u8));
+    assert!(put(Scope::Internal) < put(Scope::External), "{ops:#?}");
+    let Op::PutFrontend(_, v) = &ops[put(Scope::External)] else { unreachable!() };
+    assert_ne!(v.flags & frontend_flags::TWO_SCOPES, 0);
+    let ops = r.plan(&Desired::default(), &node()).unwrap();
+    let del = |scope: Scope| position(&ops, |o| matches!(o, Op::DelFrontend(k) if k.scope == scope as u8));
+    assert!(del(Scope::External) < del(Scope::Internal), "{ops:#?}");
+}
+
+#[test]
+fn adoption_of_what_was_applied_plans_nothing() {
+    let mut store = MemoryStore::default();
+    let mut d = desired(&[1, 2, 3]);
+    let mut sticky = frontend("default/sticky", &[4, 5]);
+    sticky.affinity_timeout = Some(60);
+    sticky.source_ranges = vec!["192.0.2.0/24".parse().unwrap()];
+    d.frontends.insert(Frontend::node_port(30091, L4::Udp), Arc::new(sticky));
+    let ops = Reconciler::new().plan(&d, &node()).unwrap();
+    apply(&mut store, &ops).unwrap();
+    let mut adopted = Reconciler::adopt(&store.dump().unwrap()).unwrap();
+    assert_eq!(adopted.summary(), Summary { frontends: 2, backends: 5 });
+    assert_eq!(adopted.plan(&d, &node()).unwrap(), vec![], "a restart rewrites nothing");
+}
+
+#[test]
+fn a_full_map_is_reported_with_the_flag_that_sizes_it() {
+    let mut store = MemoryStore::with_capacities(&[(&registry::SERVICES, 0)]);
+    let ops = Reconciler::new().plan(&desired(&[1]), &node()).unwrap();
+    let err = apply(&mut store, &ops).unwrap_err().to_string();
+    assert_eq!(err, "map lb_services is full (0 entries): raise --max-frontends");
+}
+
+#[test]
+fn rearrange_keeps_survivors_in_place() {
+    assert_eq!(rearrange(&[1, 2, 3, 4], &[1, 2, 3, 4]), vec![1, 2, 3, 4]);
+    assert_eq!(rearrange(&[1, 2, 3, 4], &[1, 3, 4]), vec![1, 4, 3]);
+    assert_eq!(rearrange(&[1, 2, 3, 4], &[1, 3, 4, 9]), vec![1, 9, 3, 4]);
+    assert_eq!(rearrange(&[1, 2, 3, 4], &[2]), vec![2]);
+    assert_eq!(rearrange(&[1, 2, 3, 4], &[]), Vec::<u32>::new());
+    assert_eq!(rearrange(&[], &[5, 6]), vec![5, 6]);
+    assert_eq!(rearrange(&[1, 2, 3, 4], &[4, 3]), vec![4, 3]);
+}
+
+/// What a packet hook could see between any two writes must be whole:
+/// every slot below a frontend's count names a live backend, every
+/// affinity member is a live backend, every two-scope frontend's twin is
+/// there, and every frontend has its name.
+fn assert_consistent(maps: &Programmed, after: &Op) {
+    for (key, fe) in &maps.services {
+        for slot in 0..fe.backend_count {
+            let Some(b) = maps.slots.get(&SlotKey { frontend_id: fe.id, slot }) else {
+                panic!("after {after:?}: frontend {} exposes missing slot {slot}", fe.id)
+            };
+            assert!(
+                maps.backends.contains_key(b),
+                "after {after:?}: slot {slot} of {} names gone backend {b}",
+                fe.id
+            );
+        }
+        if fe.flags & frontend_flags::TWO_SCOPES != 0 {
+            let twin = key.with_scope(Scope::Internal);
+            assert!(
+                maps.services.contains_key(&twin),
+                "after {after:?}: {key:?} sends pods to a missing twin"
+            );
+        }
+        assert!(maps.names.contains_key(&fe.id), "after {after:?}: frontend {} has no name", fe.id);
+    }
+    for m in &maps.affinity_match {
+        assert!(maps.backends.contains_key(&m.backend_id), "after {after:?}: affinity member {m:?} is gone");
+    }
+}
+
+/// A random desired state: up to 4 frontends (some two-scoped NodePorts)
+/// over a pool of 8 backends.
+fn arb_desired() -> impl Strategy<Value = Desired> {
+    let fe = (
+        prop::collection::vec(0u8..8, 0..6),
+        prop::collection::vec(0u8..8, 0..3),
+        any::<bool>(),
+        any::<bool>(),
+    );
+    prop::collection::btree_map(0u16..4, fe, 0..4).prop_map(|services| {
+        let mut d = Desired::default();
+        for (i, (backends, standby, affinity, two_scopes)) in services {
+            let mut backends: Vec<u8> = backends;
+            backends.sort();
+            backends.dedup();
+            let mut fe = frontend(&format!("default/svc-{i}"), &backends);
+            fe.standby = standby.iter().filter(|s| !backends.contains(s)).map(|s| be(*s)).collect();
+            fe.standby.sort();
+            fe.standby.dedup();
+            fe.affinity_timeout = affinity.then_some(30);
+            let key = Frontend::node_port(30000 + i, L4::Tcp);
+            if two_scopes {
+                // The twin takes every endpoint; the external one keeps the rest as standby.
+                let mut twin = fe.clone();
+                twin.backends.append(&mut twin.standby);
+                twin.backends.sort();
+                fe.two_scopes = true;
+                d.frontends.insert(key.with_scope(Scope::Internal), Arc::new(twin));
+            }
+            d.frontends.insert(key, Arc::new(fe));
+        }
+        d
+    })
+}
+
+proptest! {
+    #[test]
+    fn no_half_built_frontend_is_ever_visible(states in prop::collection::vec(arb_desired(), 1..8)) {
+        let mut r = Reconciler::new();
+        let mut store = MemoryStore::default();
+        for d in &states {
+            for op in r.plan(d, &node()).unwrap() {
+                store.apply(&op).unwrap();
+                assert_consistent(&store.maps, &op);
+            }
+            // What the maps hold is what a restart adopts: nothing to do.
+            let mut adopted = Reconciler::adopt(&store.maps).unwrap();
+            prop_assert_eq!(adopted.plan(d, &node()).unwrap(), vec![]);
+        }
+    }
+}
