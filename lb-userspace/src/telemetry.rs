@@ -15,6 +15,7 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context as _;
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use lb_common::{Drop, FrontendKind, registry};
 use prometheus_client::{
@@ -200,8 +201,11 @@ pub async fn serve(
         Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(t.clone());
     let metrics_router: Router =
         Router::new().route("/metrics", get(metrics)).with_state(t).merge(health.clone());
-    let m = tokio::net::TcpListener::bind(metrics_addr).await?;
-    let h = tokio::net::TcpListener::bind(health_addr).await?;
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("serving {what} on {addr}"))
+    };
+    let m = bind(metrics_addr, "metrics (--metrics-address)").await?;
+    let h = bind(health_addr, "health (--health-address)").await?;
     info!(metrics = %metrics_addr, health = %health_addr, "serving metrics and health");
     tokio::spawn(async move { axum::serve(m, metrics_router).await });
     tokio::spawn(async move { axum::serve(h, health).await });

@@ -122,3 +122,68 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// A long sync (thousands of Services in a debug build) holds one worker
+/// thread; health and metrics keep answering on the other.
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn health_answers_during_a_long_sync() {
+    require_root();
+    let node = Netns::new("n").unwrap();
+    veth(&node, "ext0", &node, "ext1").unwrap();
+    node.ip(&["addr", "add", "192.0.2.11/24", "dev", "ext0"]).unwrap();
+    let bpffs = Bpffs::new().unwrap();
+    let pin = bpffs.dir.join("lb");
+    let dir = tempdir();
+    lb_tests::bench::write_manifests(&dir, 40_000, 1, lb_tests::bench::Proto::Tcp, None).unwrap();
+    let args = [
+        "run",
+        "--manifests",
+        dir.to_str().unwrap(),
+        "--node-name",
+        "node-1",
+        "--external-interface",
+        "ext0",
+        "--pin-dir",
+        pin.to_str().unwrap(),
+        "--health-address",
+        "127.0.0.1:9961",
+    ];
+    let agent = Agent::start(&node, &args).unwrap();
+    let readyz = || {
+        let out = node
+            .cmd("curl")
+            .args([
+                "-s",
+                "-m",
+                "0.5",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "http://127.0.0.1:9961/readyz",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listening = wait_for(Duration::from_secs(10), || {
+        agent.log().contains("serving metrics and health").then_some(())
+    });
+    assert!(listening.is_some(), "{}", agent.log());
+    let started = std::time::Instant::now();
+    let mut answers = Vec::new();
+    while !agent.log().contains("synced") && started.elapsed() < Duration::from_secs(60) {
+        answers.push(readyz());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(agent.log().contains("synced frontends=40000"), "{}", agent.log());
+    let waiting = answers.iter().filter(|a| *a == "503").count();
+    assert!(waiting >= 3, "/readyz answered 503 only {waiting} times before the first sync: {answers:?}");
+    assert!(
+        answers.iter().all(|a| a == "503" || a == "200"),
+        "/readyz did not answer within 0.5 s during the sync: {answers:?}"
+    );
+    assert_eq!(readyz(), "200");
+    let _ = std::fs::remove_dir_all(&dir);
+}
