@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The agent image: `docker build -t lb-agent:0.1.0 .`
+# The agent image: `docker build -t lb-agent:0.2.0 .`
 #
 # Stage 1 builds the eBPF object and the agent with the pinned toolchains
 # (the same `cargo xtask setup` the developers use); stage 2 ships the binary
