@@ -100,7 +100,8 @@ pub fn load_object(object: &[u8], pin_dir: &Path, caps: &Capacities) -> Result<E
     // The programs skip formatting log events below the agent's level.
     let log_level = log::max_level() as u8;
     let mut loader = EbpfLoader::new();
-    loader.override_global(aya_log::LEVEL, &log_level, false);
+    // (Builds before 0.2 declared their pins in the object.)
+    loader.default_map_pin_directory(pin_dir).override_global(aya_log::LEVEL, &log_level, false);
     for m in MAPS {
         loader.map_max_entries(m.name, caps.of(m));
         if m.pinned {

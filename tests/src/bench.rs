@@ -169,6 +169,20 @@ impl Wire {
         self.template.lock().map_err(|_| anyhow::anyhow!("template lock"))?.set(0, &template, 0)?;
         live(p, frame, self.ifindex, frames)
     }
+
+    /// `live` for a program that sends every frame back out (XDP_TX):
+    /// fails unless the peer received them all, so that a transmit path
+    /// that loses frames is never measured as a fast one.
+    pub fn live_tx(&self, p: &Xdp, frame: &[u8], frames: u32) -> Result<f64> {
+        let before = self.sunk()?;
+        let ns = self.live(p, frame, frames)?;
+        let delivered = self.sunk()? - before;
+        anyhow::ensure!(
+            delivered >= frames as u64,
+            "only {delivered} of {frames} XDP_TX frames reached the peer: the measurement would be of a loss"
+        );
+        Ok(ns)
+    }
 }
 
 fn xdp_md(ifindex: u32, len: usize) -> [u8; 24] {
@@ -216,27 +230,77 @@ pub fn single(p: &Xdp, frame: &[u8]) -> Result<(u32, f64)> {
 /// The load balancer with `n` services programmed, on a private bpffs.
 pub struct Loaded {
     pub ebpf: Ebpf,
-    pub maps: Maps,
     _bpffs: Bpffs,
 }
 
-pub fn load_lb(n: u32, per: u32) -> Result<(Loaded, Duration)> {
-    let bpffs = Bpffs::new()?;
+fn caps_for(n: u32, per: u32) -> Capacities {
     let mut caps = Capacities::default();
     caps.set("max-frontends", (n + 1024).next_power_of_two())
         .set("max-backends", (n * per + 1024).next_power_of_two())
         .set("max-slots", (n * per + 1024).next_power_of_two());
-    let mut ebpf = loader::load(&bpffs.dir.join("lb"), &caps)?;
-    lb_userspace::attach::load_programs(&mut ebpf)?;
-    let mut maps = Maps::from_ebpf(&mut ebpf)?;
+    caps
+}
+
+fn plan_synthetic(n: u32, per: u32) -> Result<Vec<reconciler::Op>> {
     let node = std::net::IpAddr::from(NODE);
     let settings =
         NodeSettings { addresses: BTreeSet::from([node]), snat_addr: node, nat_ports: (61000, 65535) };
-    let desired = synthetic(n, per);
+    Reconciler::new().plan(&synthetic(n, per), &settings)
+}
+
+pub fn load_lb(n: u32, per: u32) -> Result<(Loaded, Duration)> {
+    let bpffs = Bpffs::new()?;
+    let mut ebpf = loader::load(&bpffs.dir.join("lb"), &caps_for(n, per))?;
+    lb_userspace::attach::load_programs(&mut ebpf)?;
+    let mut maps = Maps::from_ebpf(&mut ebpf)?;
     let started = Instant::now();
-    let ops = Reconciler::new().plan(&desired, &settings)?;
-    reconciler::apply(&mut maps, &ops)?;
-    Ok((Loaded { ebpf, maps, _bpffs: bpffs }, started.elapsed()))
+    reconciler::apply(&mut maps, &plan_synthetic(n, per)?)?;
+    Ok((Loaded { ebpf, _bpffs: bpffs }, started.elapsed()))
+}
+
+/// Another build of `lb-ebpf` (say, the previous commit's), with the same
+/// services: the reconciler's writes go by name to the maps the XDP path
+/// reads, so a build whose maps kept those layouts can be measured beside
+/// this one; writes to maps it does not have (names, affinity, source
+/// ranges) are skipped.
+pub fn load_baseline(object: &[u8], n: u32, per: u32) -> Result<Loaded> {
+    let bpffs = Bpffs::new()?;
+    let mut ebpf = loader::load_object(object, &bpffs.dir.join("lb"), &caps_for(n, per))?;
+    lb_userspace::attach::load_programs(&mut ebpf)?;
+    let mut maps = BaselineMaps {
+        services: aya::maps::HashMap::try_from(ebpf.take_map("lb_services").context("lb_services")?)?,
+        backends: aya::maps::HashMap::try_from(ebpf.take_map("lb_backends").context("lb_backends")?)?,
+        slots: aya::maps::HashMap::try_from(ebpf.take_map("lb_slots").context("lb_slots")?)?,
+        node_addrs: aya::maps::HashMap::try_from(ebpf.take_map("lb_node_addrs").context("lb_node_addrs")?)?,
+        config: Array::try_from(ebpf.take_map("lb_config").context("lb_config")?)?,
+    };
+    for op in plan_synthetic(n, per)? {
+        maps.apply(&op)?;
+    }
+    Ok(Loaded { ebpf, _bpffs: bpffs })
+}
+
+struct BaselineMaps {
+    services: aya::maps::HashMap<MapData, lb_common::FrontendKey, lb_common::Frontend>,
+    backends: aya::maps::HashMap<MapData, u32, lb_common::Backend>,
+    slots: aya::maps::HashMap<MapData, lb_common::SlotKey, u32>,
+    node_addrs: aya::maps::HashMap<MapData, [u8; 4], u32>,
+    config: Array<MapData, lb_common::Config>,
+}
+
+impl BaselineMaps {
+    fn apply(&mut self, op: &reconciler::Op) -> Result<()> {
+        use reconciler::Op;
+        match op {
+            Op::PutConfig(c) => self.config.set(0, c, 0)?,
+            Op::PutNodeAddr(a) => self.node_addrs.insert(a, &1, 0)?,
+            Op::PutBackend(id, b) => self.backends.insert(id, b, 0)?,
+            Op::PutSlot(k, b) => self.slots.insert(k, b, 0)?,
+            Op::PutFrontend(k, v) => self.services.insert(k, v, 0)?,
+            _ => {}
+        }
+        Ok(())
+    }
 }
 
 pub struct PacketCosts {
@@ -248,46 +312,81 @@ pub struct PacketCosts {
     pub floor_pass: f64,
     /// XDP actions of an established packet and of a reply (both XDP_TX).
     pub actions: (u32, u32),
+    /// The baseline object's established packet and reply, when one is measured.
+    pub baseline: Option<(f64, f64)>,
 }
 
-/// Live-frames medians for one service count, floors measured alongside.
-pub fn packet_costs(wire: &Wire, floor: &Ebpf, n: u32, frames: u32, rounds: usize) -> Result<PacketCosts> {
+/// Opens the measured flow on `p`: its established packet, and the
+/// backend's reply (whose destination port is the NAT port `p` chose);
+/// with the XDP actions of both.
+fn open_flow(wire: &Wire, p: &Xdp, vip: [u8; 4]) -> Result<((u32, u32), Vec<u8>, Vec<u8>)> {
+    let syn = tcp((CLIENT, 40000), (vip, 80), "S", b"");
+    let est = tcp((CLIENT, 40000), (vip, 80), "A", b"");
+    wire.ns.enter(|| -> Result<_> {
+        single(p, &syn)?;
+        let (action, out) = run_on(p, &est, wire.ifindex)?;
+        let seen = crate::packet::parse_checked(&out);
+        let reply = tcp(seen.dst, seen.src, "A", b"");
+        let (reply_action, _) = run_on(p, &reply, wire.ifindex)?;
+        Ok(((action, reply_action), est, reply))
+    })?
+}
+
+/// Live-frames medians for one service count, floors (and a baseline
+/// build, if given) measured alongside, round by round.
+pub fn packet_costs(
+    wire: &Wire,
+    floor: &Ebpf,
+    baseline: Option<&[u8]>,
+    n: u32,
+    frames: u32,
+    rounds: usize,
+) -> Result<PacketCosts> {
     let (lb, _) = load_lb(n, 10)?;
     let p: &Xdp = lb.ebpf.program(XDP_PROGRAM).context("lb_xdp")?.try_into()?;
     let tx: &Xdp = floor.program("floor_tx").context("floor_tx")?.try_into()?;
     let pass: &Xdp = floor.program("floor_pass").context("floor_pass")?.try_into()?;
     // A service in the middle of the table; open its flow once.
     let vip = vip_of(n / 2).octets();
-    let syn = tcp((CLIENT, 40000), (vip, 80), "S", b"");
-    let est = tcp((CLIENT, 40000), (vip, 80), "A", b"");
     let other = tcp((CLIENT, 40000), ([192, 0, 2, 50], 80), "A", b"");
-    let (actions, reply) = wire.ns.enter(|| -> Result<((u32, u32), Vec<u8>)> {
-        single(p, &syn)?;
-        let (action, out) = run_on(p, &est, wire.ifindex)?;
-        let seen = crate::packet::parse_checked(&out);
-        let reply = tcp(seen.dst, seen.src, "A", b"");
-        let (reply_action, _) = run_on(p, &reply, wire.ifindex)?;
-        Ok(((action, reply_action), reply))
-    })??;
-    let (mut a, mut b, mut c, mut d, mut e) = (vec![], vec![], vec![], vec![], vec![]);
+    let (actions, est, reply) = open_flow(wire, p, vip)?;
+    let base = baseline.map(|object| load_baseline(object, n, 10)).transpose()?;
+    let base = match &base {
+        Some(b) => {
+            let bp: &Xdp = b.ebpf.program(XDP_PROGRAM).context("baseline lb_xdp")?.try_into()?;
+            let (base_actions, _, base_reply) = open_flow(wire, bp, vip)?;
+            anyhow::ensure!(
+                base_actions == actions,
+                "the baseline acts otherwise: {base_actions:?} vs {actions:?}"
+            );
+            Some((bp, base_reply))
+        }
+        None => None,
+    };
+    let mut figures: [Vec<f64>; 7] = Default::default();
     wire.ns.enter(|| -> Result<()> {
         // Round 0 warms caches and the page pool, and is not kept.
         for round in 0..=rounds {
-            let figures = [
+            let mut run = vec![
                 wire.live(p, &other, frames)?,
-                wire.live(p, &est, frames)?,
-                wire.live(p, &reply, frames)?,
-                wire.live(tx, &est, frames)?,
+                wire.live_tx(p, &est, frames)?,
+                wire.live_tx(p, &reply, frames)?,
+                wire.live_tx(tx, &est, frames)?,
                 wire.live(pass, &est, frames)?,
             ];
+            if let Some((bp, base_reply)) = &base {
+                run.push(wire.live_tx(bp, &est, frames)?);
+                run.push(wire.live_tx(bp, base_reply, frames)?);
+            }
             if round > 0 {
-                for (v, x) in [&mut a, &mut b, &mut c, &mut d, &mut e].into_iter().zip(figures) {
+                for (v, x) in figures.iter_mut().zip(run) {
                     v.push(x);
                 }
             }
         }
         Ok(())
     })??;
+    let [a, b, c, d, e, f, g] = figures;
     Ok(PacketCosts {
         services: n,
         not_service: median(a),
@@ -296,6 +395,7 @@ pub fn packet_costs(wire: &Wire, floor: &Ebpf, n: u32, frames: u32, rounds: usiz
         floor_tx: median(d),
         floor_pass: median(e),
         actions,
+        baseline: base.is_some().then(|| (median(f), median(g))),
     })
 }
 

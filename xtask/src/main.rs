@@ -49,6 +49,11 @@ enum Cmd {
         /// A short smoke run (the test suite runs it), written to target/bench-quick.md.
         #[arg(long)]
         quick: bool,
+        /// Passed to lb-bench after `--`: `--only packets` (part 1 alone),
+        /// `--baseline-object PATH` (another lb-ebpf build measured beside
+        /// this one in part 1), `--output FILE`.
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// Set up, check formatting and lints, and run every test (needs root).
     Test {
@@ -69,7 +74,7 @@ fn main() -> Result<()> {
         }
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo(),
-        Cmd::Bench { quick } => bench(quick),
+        Cmd::Bench { quick, args } => bench(quick, &args),
     }
 }
 
@@ -110,7 +115,7 @@ fn demo() -> Result<()> {
     run(Command::new(root.join("target/release/lb-demo")).current_dir(&root))
 }
 
-fn bench(quick: bool) -> Result<()> {
+fn bench(quick: bool, args: &[String]) -> Result<()> {
     setup::ensure()?;
     if !setup::is_root() {
         bail!("the benchmarks load eBPF programs and build network namespaces: run them as root");
@@ -125,9 +130,16 @@ fn bench(quick: bool) -> Result<()> {
         "lb-tests",
         "--bins",
     ]))?;
-    let output = if quick { "target/bench-quick.md" } else { "BENCHMARKS.md" };
+    let default_output = if quick { "target/bench-quick.md" } else { "BENCHMARKS.md" };
+    let output = args
+        .iter()
+        .position(|a| a == "--output")
+        .and_then(|i| args.get(i + 1))
+        .map_or(default_output, String::as_str);
     let mut cmd = Command::new(root.join("target/release/lb-bench"));
-    cmd.current_dir(&root).args(["--output", output]);
+    cmd.current_dir(&root)
+        .args(["--output", output])
+        .args(args.iter().filter(|a| *a != "--output" && *a != output));
     if quick {
         cmd.arg("--quick");
     }

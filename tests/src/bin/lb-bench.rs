@@ -47,6 +47,13 @@ fn main() -> Result<()> {
         .and_then(|i| args.get(i + 1))
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("BENCHMARKS.md"));
+    // Another build of lb-ebpf to measure beside this one in part 1 (say,
+    // the previous release's); `--only packets` stops after part 1.
+    let baseline = match args.iter().position(|a| a == "--baseline-object").and_then(|i| args.get(i + 1)) {
+        Some(path) => Some(std::fs::read(path).with_context(|| format!("reading {path}"))?),
+        None => None,
+    };
+    let only_packets = args.windows(2).any(|w| w[0] == "--only" && w[1] == "packets");
     let plan = if quick {
         Plan {
             services: vec![1, 1000],
@@ -118,24 +125,43 @@ fn main() -> Result<()> {
          Ethernet/IPv4/TCP, swap MACs, XDP_TX. *Floor PASS*: XDP_PASS to the namespace stack.\n",
         plan.rounds, plan.frames
     )?;
+    if baseline.is_some() {
+        writeln!(
+            md,
+            "*Baseline*: another build of lb-ebpf (`--baseline-object`), loaded with the same services and measured \
+             in the same rounds, its established packet and reply alternating with this build's.\n"
+        )?;
+    }
+    let extra = if baseline.is_some() {
+        " baseline established | baseline reply | established ÷ baseline |"
+    } else {
+        ""
+    };
     writeln!(
         md,
-        "| services | not a service (pass) | established | reply | floor TX | floor PASS | established ÷ floor TX |"
+        "| services | not a service (pass) | established | reply | floor TX | floor PASS | established ÷ floor TX |{extra}"
     )?;
-    writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(
+        md,
+        "|---:|---:|---:|---:|---:|---:|---:|{}",
+        if baseline.is_some() { "---:|---:|---:|" } else { "" }
+    )?;
     let mut established = Vec::new();
     let mut ratio_max = 0f64;
     for &n in &plan.services {
         eprintln!("bench:   {n} services");
-        let c = bench::packet_costs(&wire, &floor, n, plan.frames, plan.rounds)?;
+        let c = bench::packet_costs(&wire, &floor, baseline.as_deref(), n, plan.frames, plan.rounds)?;
         anyhow::ensure!(
             c.actions == (3, 3),
             "established or reply packet not sent with XDP_TX: {:?}",
             c.actions
         );
+        let vs = c.baseline.map_or(String::new(), |(est, reply)| {
+            format!(" {est:.0} | {reply:.0} | {:.3} |", c.established / est)
+        });
         writeln!(
             md,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |{vs}",
             c.services,
             c.not_service,
             c.established,
@@ -150,6 +176,11 @@ fn main() -> Result<()> {
     let (lo, hi) = established.iter().fold((f64::MAX, 0f64), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
     let spread = (hi - lo) / lo * 100.0;
     writeln!(md, "\nEstablished-flow spread across service counts: {spread:.1}%.\n")?;
+    if only_packets {
+        std::fs::write(&output, &md)?;
+        eprintln!("bench: part 1 only, written to {}", output.display());
+        return Ok(());
+    }
 
     eprintln!("bench: new flows");
     let n = *plan.services.last().expect("service counts");
