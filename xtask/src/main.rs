@@ -130,16 +130,16 @@ fn bench(quick: bool, args: &[String]) -> Result<()> {
         "lb-tests",
         "--bins",
     ]))?;
-    let default_output = if quick { "target/bench-quick.md" } else { "BENCHMARKS.md" };
-    let output = args
-        .iter()
-        .position(|a| a == "--output")
-        .and_then(|i| args.get(i + 1))
-        .map_or(default_output, String::as_str);
+    let output = match args.iter().position(|a| a == "--output") {
+        Some(i) => args.get(i + 1).context("--output needs a file")?.clone(),
+        None if quick => "target/bench-quick.md".into(),
+        None => "BENCHMARKS.md".into(),
+    };
     let mut cmd = Command::new(root.join("target/release/lb-bench"));
-    cmd.current_dir(&root)
-        .args(["--output", output])
-        .args(args.iter().filter(|a| *a != "--output" && *a != output));
+    cmd.current_dir(&root).args(args);
+    if !args.iter().any(|a| a == "--output") {
+        cmd.args(["--output", &output]);
+    }
     if quick {
         cmd.arg("--quick");
     }
