@@ -316,10 +316,16 @@ pub struct PacketCosts {
     pub baseline: Option<(f64, f64)>,
 }
 
-/// Opens the measured flow on `p`: its established packet, and the
-/// backend's reply (whose destination port is the NAT port `p` chose);
-/// with the XDP actions of both.
-fn open_flow(wire: &Wire, p: &Xdp, vip: [u8; 4]) -> Result<((u32, u32), Vec<u8>, Vec<u8>)> {
+/// The measured flow, opened on one program.
+struct Flow {
+    /// XDP actions of its established packet and of the reply.
+    actions: (u32, u32),
+    established: Vec<u8>,
+    /// The backend's reply, to the NAT port the program chose.
+    reply: Vec<u8>,
+}
+
+fn open_flow(wire: &Wire, p: &Xdp, vip: [u8; 4]) -> Result<Flow> {
     let syn = tcp((CLIENT, 40000), (vip, 80), "S", b"");
     let est = tcp((CLIENT, 40000), (vip, 80), "A", b"");
     wire.ns.enter(|| -> Result<_> {
@@ -328,7 +334,7 @@ fn open_flow(wire: &Wire, p: &Xdp, vip: [u8; 4]) -> Result<((u32, u32), Vec<u8>,
         let seen = crate::packet::parse_checked(&out);
         let reply = tcp(seen.dst, seen.src, "A", b"");
         let (reply_action, _) = run_on(p, &reply, wire.ifindex)?;
-        Ok(((action, reply_action), est, reply))
+        Ok(Flow { actions: (action, reply_action), established: est, reply })
     })?
 }
 
@@ -349,17 +355,18 @@ pub fn packet_costs(
     // A service in the middle of the table; open its flow once.
     let vip = vip_of(n / 2).octets();
     let other = tcp((CLIENT, 40000), ([192, 0, 2, 50], 80), "A", b"");
-    let (actions, est, reply) = open_flow(wire, p, vip)?;
+    let Flow { actions, established: est, reply } = open_flow(wire, p, vip)?;
     let base = baseline.map(|object| load_baseline(object, n, 10)).transpose()?;
     let base = match &base {
         Some(b) => {
             let bp: &Xdp = b.ebpf.program(XDP_PROGRAM).context("baseline lb_xdp")?.try_into()?;
-            let (base_actions, _, base_reply) = open_flow(wire, bp, vip)?;
+            let flow = open_flow(wire, bp, vip)?;
             anyhow::ensure!(
-                base_actions == actions,
-                "the baseline acts otherwise: {base_actions:?} vs {actions:?}"
+                flow.actions == actions,
+                "the baseline acts otherwise: {:?} vs {actions:?}",
+                flow.actions
             );
-            Some((bp, base_reply))
+            Some((bp, flow.reply))
         }
         None => None,
     };
