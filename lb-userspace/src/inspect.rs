@@ -266,10 +266,11 @@ pub fn conntrack_table(rows: &[ConntrackRow]) -> Table {
 }
 
 pub fn stats_table(s: &Stats) -> (Table, Table) {
-    let mut t = table(&["FRONTEND", "KIND", "PACKETS", "BYTES", "NEW FLOWS"]);
+    let mut t = table(&["FRONTEND", "SCOPE", "KIND", "PACKETS", "BYTES", "NEW FLOWS"]);
     for r in &s.services {
         t.add_row(vec![
             r.frontend.clone(),
+            r.scope.into(),
             r.kind.clone(),
             r.packets.to_string(),
             r.bytes.to_string(),
