@@ -186,6 +186,10 @@ pub mod ct_flags {
     pub const REWRITE_DST: u8 = 1 << 2;
     /// The flow is source-NATed to this node (external client, remote backend).
     pub const SNAT: u8 = 1 << 3;
+    /// The flow's requests go around the host stack (redirected at TC), so
+    /// its replies do too: a firewall in the stack then sees neither
+    /// direction, rather than half a connection.
+    pub const BYPASS: u8 = 1 << 4;
 }
 
 /// TCP flags seen in this entry's direction (`CtEntry::tcp`).
@@ -210,26 +214,37 @@ pub mod ct_timeout {
 /// Slots of the next-hop cache (`lb_next_hops`, per CPU).
 pub const NEXT_HOP_SLOTS: u32 = 256;
 
-/// A recent answer of the FIB for packets XDP sends back out (XDP_TX): the
-/// next hop towards `daddr` arriving on `ifindex`. Kept per CPU in a small
+/// Next-hop flags (`NextHop::flags`).
+pub mod next_hop_flags {
+    /// `oif` is the host side of a pod's interface: redirect into the pod
+    /// itself (`bpf_redirect_peer`), not out of the host side.
+    pub const PEER: u32 = 1 << 0;
+}
+
+/// A recent answer of the FIB for translated packets the programs send on
+/// themselves (XDP_TX, or a redirect at TC): the next hop towards `daddr`
+/// for packets that arrived on `ingress`. Kept per CPU in a small
 /// direct-mapped table (`next_hop_slot`), so established packets skip the
-/// lookup; zero `ifindex`: empty.
+/// lookup; zero `ingress`: empty.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NextHop {
-    pub ifindex: u32,
+    pub ingress: u32,
     pub daddr: [u8; 4],
     pub dmac: [u8; 6],
     pub smac: [u8; 6],
-    pub _pad: u32,
+    /// The interface the packet leaves by.
+    pub oif: u32,
+    /// `next_hop_flags`.
+    pub flags: u32,
     /// `CLOCK_MONOTONIC` nanoseconds after which the FIB is asked again.
     pub until: u64,
 }
 
 impl NextHop {
-    pub const fn answers(&self, ifindex: u32, daddr: [u8; 4], now: u64) -> bool {
-        self.ifindex != 0
-            && self.ifindex == ifindex
+    pub const fn answers(&self, ingress: u32, daddr: [u8; 4], now: u64) -> bool {
+        self.ingress != 0
+            && self.ingress == ingress
             && u32::from_ne_bytes(self.daddr) == u32::from_ne_bytes(daddr)
             && now < self.until
     }
@@ -479,6 +494,16 @@ pub struct Config {
     /// node's own connections.
     pub nat_port_min: u16,
     pub nat_port_max: u16,
+    /// `config_flags`.
+    pub flags: u32,
+}
+
+/// Runtime switches (`Config::flags`).
+pub mod config_flags {
+    /// Hand every translated packet to the host stack instead of
+    /// redirecting it at TC (for hosts whose firewall or NetworkPolicy
+    /// lives in netfilter and must see service traffic).
+    pub const VIA_STACK: u32 = 1 << 0;
 }
 
 pub const DEFAULT_NAT_PORT_MIN: u16 = 61_000;
@@ -520,7 +545,7 @@ mod tests {
         assert_eq!(size_of::<SourceRangeKey>(), 8);
         assert_eq!(size_of::<CtEntry>(), 4 + 4 + 2 + 2 + 4 + 4 + 4 + 8 + 1 + 1 + 6);
         assert_eq!(size_of::<Frontend>(), 16);
-        assert_eq!(size_of::<NextHop>(), 32);
+        assert_eq!(size_of::<NextHop>(), 40);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<ServiceName>(), 144);
     }
@@ -579,7 +604,7 @@ mod tests {
 
     #[test]
     fn a_next_hop_answers_only_its_destination_until_it_expires() {
-        let hop = NextHop { ifindex: 2, daddr: [10, 0, 0, 1], until: 100, ..Default::default() };
+        let hop = NextHop { ingress: 2, daddr: [10, 0, 0, 1], until: 100, ..Default::default() };
         assert!(hop.answers(2, [10, 0, 0, 1], 99));
         assert!(!hop.answers(2, [10, 0, 0, 1], 100));
         assert!(!hop.answers(3, [10, 0, 0, 1], 0));

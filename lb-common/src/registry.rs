@@ -100,6 +100,8 @@ maps! {
         "loadBalancerSourceRanges: (frontend id, client prefix)";
     SERVICE_NAMES: "lb_svc_names", Hash, flag("max-frontends", 65_536), pinned: true, programmed: true,
         "frontend id -> the Service it serves (namespace, name, port name)";
+    POD_IFS: "lb_pod_ifs", Hash, Size::Fixed(4096), pinned: true, programmed: false,
+        "host-side pod interfaces (ifindex): translated packets for their pods go straight in";
     SERVICES: "lb_services", Hash, flag("max-frontends", 65_536), pinned: true, programmed: true,
         "frontend (address, port, protocol, scope) -> id, backend count, kind, flags";
     CONNTRACK: "lb_conntrack", LruHash, flag("conntrack-size", 262_144), pinned: true, programmed: false,

@@ -2,7 +2,7 @@
 //! first packet to a frontend gets a backend (`lb`), a forwarding decision
 //! and both conntrack entries. The hooks carry the verdict out.
 
-use lb_common::{Backend, CtEntry, CtKey, Drop, Frontend, Nat, backend_flags, ct_flags};
+use lb_common::{Backend, CtEntry, CtKey, Drop, Frontend, Nat, backend_flags, config_flags, ct_flags};
 
 use crate::{
     conntrack,
@@ -41,8 +41,11 @@ pub fn forwarding(origin: Origin, backend: &Backend) -> Forwarding {
     }
 }
 
+/// `redirects`: the hook forwards translated packets itself, around the
+/// host stack (TC); a new flow from outside is then marked to do so both
+/// ways, unless the operator asked for the stack (`VIA_STACK`).
 #[inline(always)]
-pub fn process(pkt: &Packet, origin: Origin) -> Verdict {
+pub fn process(pkt: &Packet, origin: Origin, redirects: bool) -> Verdict {
     let now = conntrack::now();
     if let Some(entry) = conntrack::lookup(&pkt.key, pkt.tcp_flags, now) {
         // A request keeps its backend while the backend exists; replies are
@@ -53,21 +56,28 @@ pub fn process(pkt: &Packet, origin: Origin) -> Verdict {
         }
     }
     match lb::frontend(pkt.key.daddr, pkt.key.dport, pkt.key.proto, origin) {
-        Some(fe) => new_flow(pkt, &fe, origin, now),
+        Some(fe) => {
+            let bypass = redirects
+                && origin == Origin::External
+                && maps::config().is_none_or(|c| c.flags & config_flags::VIA_STACK == 0);
+            new_flow(pkt, &fe, origin, bypass)
+        }
         None => Verdict::Pass,
     }
 }
 
-// Its own BPF function: a stack frame apart from the established-flow path.
+// Its own BPF function: a stack frame apart from the established-flow path
+// (and at most five arguments, the verdict's pointer included).
 #[inline(never)]
-fn new_flow(pkt: &Packet, fe: &Frontend, origin: Origin, now: u64) -> Verdict {
+fn new_flow(pkt: &Packet, fe: &Frontend, origin: Origin, bypass: bool) -> Verdict {
+    let now = conntrack::now();
     let client = pkt.key.saddr;
     let (backend_id, backend) = match lb::choose(fe, client, now) {
         Choice::Backend(id, backend) => (id, backend),
         Choice::Reject => return Verdict::Reject,
         Choice::Drop(reason) => return Verdict::Drop(reason),
     };
-    match open(pkt, fe.id, backend_id, &backend, forwarding(origin, &backend), now) {
+    match open(pkt, fe.id, backend_id, &backend, forwarding(origin, &backend), bypass, now) {
         Ok(nat) => {
             lb::remember(fe, client, backend_id, now);
             count_packet(fe.id, pkt.ip_len as u32, true);
@@ -87,15 +97,17 @@ fn open(
     backend_id: u32,
     backend: &Backend,
     how: Forwarding,
+    bypass: bool,
     now: u64,
 ) -> Result<Nat, Drop> {
+    let both = if bypass { ct_flags::BYPASS } else { 0 };
     let mut request = CtEntry {
         nat_daddr: backend.addr,
         nat_dport: backend.port,
         backend_id,
         frontend_id,
         last_seen: now,
-        flags: ct_flags::REWRITE_DST,
+        flags: ct_flags::REWRITE_DST | both,
         tcp: pkt.tcp_flags,
         ..CtEntry::default()
     };
@@ -105,7 +117,7 @@ fn open(
         backend_id,
         frontend_id,
         last_seen: now,
-        flags: ct_flags::REPLY | ct_flags::REWRITE_SRC,
+        flags: ct_flags::REPLY | ct_flags::REWRITE_SRC | both,
         ..CtEntry::default()
     };
     let mut reply_key = CtKey::new(backend.addr, pkt.key.saddr, backend.port, pkt.key.sport, pkt.key.proto);

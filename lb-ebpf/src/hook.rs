@@ -30,6 +30,8 @@ pub trait Hook: EbpfContext {
     const DROP: Self::Action;
     /// For log lines.
     const NAME: &'static str;
+    /// The hook forwards translated packets itself, around the host stack.
+    const REDIRECTS: bool;
 
     fn packet(&self) -> Option<Packet>;
     /// Rewrites the packet in place as `nat` says.
@@ -47,7 +49,7 @@ pub fn run<H: Hook>(ctx: &H, origin: Origin) -> H::Action {
         return H::PASS;
     };
     let k = &pkt.key;
-    match flow::process(&pkt, origin) {
+    match flow::process(&pkt, origin, H::REDIRECTS) {
         Verdict::Pass => H::PASS,
         Verdict::Drop(reason) => {
             count_drop(reason);
@@ -98,6 +100,9 @@ impl Hook for XdpContext {
     const PASS: u32 = xdp_action::XDP_PASS;
     const DROP: u32 = xdp_action::XDP_DROP;
     const NAME: &'static str = "xdp";
+    // XDP_TX is forwarding too, but only for SNAT flows, whose replies
+    // come back to this hook: no flow needs marking.
+    const REDIRECTS: bool = false;
 
     #[inline(always)]
     fn packet(&self) -> Option<Packet> {
@@ -126,6 +131,7 @@ impl Hook for TcContext {
     const PASS: i32 = TC_ACT_OK;
     const DROP: i32 = TC_ACT_SHOT;
     const NAME: &'static str = "tc";
+    const REDIRECTS: bool = true;
 
     #[inline(always)]
     fn packet(&self) -> Option<Packet> {
@@ -142,10 +148,11 @@ impl Hook for TcContext {
         nat::rewrite_tc(self, pkt, nat).is_ok()
     }
 
-    /// Pod traffic continues into the stack, which routes it.
+    /// Flows from outside are redirected (both ways); pods' own traffic
+    /// continues into the stack, which routes it.
     #[inline(always)]
-    fn forward(&self, _pkt: &Packet, _nat: &Nat) -> i32 {
-        TC_ACT_OK
+    fn forward(&self, pkt: &Packet, nat: &Nat) -> i32 {
+        fwd::tc(self, pkt, nat)
     }
 
     #[inline(always)]

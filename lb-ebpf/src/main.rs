@@ -1,6 +1,9 @@
 //! The service load balancer's kernel programs.
 //!
-//! - `lb_xdp`: XDP on the node's external interfaces (north-south).
+//! - `lb_tc_ext`: TC ingress on the node's external interfaces
+//!   (north-south), the default: correct for every device and for partial
+//!   checksums, and it forwards without the host stack.
+//! - `lb_xdp`: the same at XDP, where a NIC gives complete frames.
 //! - `lb_tc_pod`: TC ingress on the host side of pod interfaces, i.e. packets
 //!   leaving pods (east-west, and replies of local backends).
 //!
@@ -24,6 +27,8 @@ mod reject;
 mod snat;
 
 use aya_ebpf::{
+    EbpfContext,
+    bindings::{__sk_buff, TC_ACT_OK},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -32,6 +37,20 @@ use crate::lb::Origin;
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    hook::run(&ctx, Origin::External)
+}
+
+/// `skb->pkt_type` of frames addressed to this host.
+const PACKET_HOST: u32 = 0;
+
+#[classifier]
+pub fn lb_tc_ext(ctx: TcContext) -> i32 {
+    // A switch floods frames it has not learned yet: those for another
+    // host's address are that host's to translate.
+    // SAFETY: the context is a socket buffer.
+    if unsafe { (*(ctx.as_ptr() as *const __sk_buff)).pkt_type } != PACKET_HOST {
+        return TC_ACT_OK;
+    }
     hook::run(&ctx, Origin::External)
 }
 

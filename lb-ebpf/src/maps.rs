@@ -40,6 +40,9 @@ pub static LB_SRC_RANGES: LpmTrie<SourceRangeKey, u32, { cap(reg::SOURCE_RANGES)
 #[btf_map(name = "lb_svc_names")]
 pub static LB_SVC_NAMES: HashMap<u32, ServiceName, { cap(reg::SERVICE_NAMES) }> = HashMap::new();
 
+#[btf_map(name = "lb_pod_ifs")]
+pub static LB_POD_IFS: HashMap<u32, u32, { cap(reg::POD_IFS) }> = HashMap::new();
+
 #[btf_map(name = "lb_services")]
 pub static LB_SERVICES: HashMap<FrontendKey, Frontend, { cap(reg::SERVICES) }> = HashMap::new();
 
@@ -83,6 +86,11 @@ pub fn slot(frontend_id: u32, slot: u32) -> Option<u32> {
 
 pub fn is_node_addr(addr: &[u8; 4]) -> bool {
     LB_NODE_ADDRS.get_ptr(addr).is_some()
+}
+
+/// Whether `ifindex` is the host side of a pod's interface.
+pub fn is_pod_if(ifindex: u32) -> bool {
+    LB_POD_IFS.get_ptr(&ifindex).is_some()
 }
 
 pub fn config() -> Option<Config> {

@@ -8,7 +8,7 @@
 //! of their own, so metrics, health and the watchers never wait for one.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -58,6 +58,10 @@ pub struct Options {
     pub procfs: PathBuf,
     pub metrics_address: std::net::SocketAddr,
     pub health_address: std::net::SocketAddr,
+    /// Which hook runs the north-south program on external interfaces.
+    pub acceleration: attach::Acceleration,
+    /// Hand translated packets to the host stack rather than redirect them.
+    pub via_stack: bool,
 }
 
 /// IPv4 addresses of `interfaces`.
@@ -90,6 +94,7 @@ pub fn node_facts(opts: &Options, facts: &NodeFacts) -> Result<(NodeInfo, NodeSe
         addresses: addresses.iter().copied().collect(),
         snat_addr: snat,
         nat_ports: opts.nat_ports,
+        via_stack: opts.via_stack,
     };
     let zone = opts.zone.clone().or_else(|| facts.zone.clone());
     Ok((NodeInfo { name: opts.node_name.clone(), zone, addresses }, settings))
@@ -121,17 +126,13 @@ struct Agent {
     telemetry: Arc<Telemetry>,
     ebpf: Ebpf,
     dataplane: Dataplane<Maps>,
-    pods: BTreeSet<String>,
+    /// Pod interfaces served: name → ifindex.
+    pods: BTreeMap<String, u32>,
     reported: Vec<String>,
 }
 
 pub async fn run(opts: Options) -> Result<()> {
-    let attached = opts
-        .external_interfaces
-        .iter()
-        .map(|i| attach::link_pin(&opts.pin_dir, loader::XDP_PROGRAM, i))
-        .collect();
-    let telemetry = Telemetry::new(opts.pin_dir.clone(), attached);
+    let telemetry = Telemetry::new(opts.pin_dir.clone());
     crate::telemetry::serve(telemetry.clone(), opts.metrics_address, opts.health_address).await?;
     // The source signals `changed` when it has something new to read.
     let (changed_tx, mut changed_rx) = mpsc::channel::<()>(1);
@@ -219,9 +220,14 @@ impl Agent {
         let (node, _) = node_facts(&opts, &source.snapshot().node)?;
         let mut ebpf = loader::load(&opts.pin_dir, &opts.capacities)?;
         attach::load_programs(&mut ebpf)?;
+        let mut externals = Vec::new();
         for iface in &opts.external_interfaces {
-            attach::attach_xdp(&mut ebpf, &opts.pin_dir, &opts.procfs, iface)?;
+            let ext =
+                attach::attach_external(&mut ebpf, &opts.pin_dir, &opts.procfs, iface, opts.acceleration)?;
+            info!(interface = %ext.interface, hook = ext.hook.name(), reason = %ext.reason, "north-south hook");
+            externals.push(ext);
         }
+        telemetry.attached(&opts.pin_dir, externals);
         let dataplane = Dataplane::adopt(Maps::from_ebpf(&mut ebpf)?)?;
         let adopted = dataplane.summary();
         if adopted.frontends > 0 {
@@ -232,7 +238,7 @@ impl Agent {
             );
         }
         info!(node = %node.name, addresses = ?node.addresses, pin_dir = %opts.pin_dir.display(), "agent started");
-        Ok(Self { opts, source, telemetry, ebpf, dataplane, pods: BTreeSet::new(), reported: Vec::new() })
+        Ok(Self { opts, source, telemetry, ebpf, dataplane, pods: BTreeMap::new(), reported: Vec::new() })
     }
 
     /// Reads the node and the source afresh and brings the maps in line.
@@ -255,7 +261,8 @@ impl Agent {
         Ok(())
     }
 
-    /// Attaches TC to pod interfaces not yet served.
+    /// Attaches TC to pod interfaces not yet served, and tells the
+    /// programs which interfaces lead into pods.
     fn attach_pods(&mut self) {
         if self.opts.pod_interfaces.is_empty() {
             return;
@@ -265,18 +272,28 @@ impl Agent {
             Err(e) => return error!(error = %e, "listing interfaces"),
         };
         let pods = attach::matching(&all, &self.opts.pod_interfaces);
-        for ifname in pods.difference(&self.pods.clone()) {
-            match attach::attach_tc(&mut self.ebpf, &self.opts.pin_dir, &self.opts.procfs, ifname) {
+        for (ifname, ifindex) in &pods {
+            match self.pods.get(ifname) {
+                Some(known) if known == ifindex => continue,
+                // The same name on a new interface: the old link went with the old one.
+                Some(_) => attach::forget_pod(&self.opts.pin_dir, ifname),
+                None => {}
+            }
+            match attach::attach_pod(&mut self.ebpf, &self.opts.pin_dir, &self.opts.procfs, ifname) {
                 Ok(()) => {
-                    self.pods.insert(ifname.clone());
+                    self.pods.insert(ifname.clone(), *ifindex);
                 }
                 Err(e) => {
                     warn!(interface = %ifname, error = format!("{e:#}"), "cannot attach to pod interface")
                 }
             }
         }
-        self.pods.retain(|p| pods.contains(p));
+        self.pods.retain(|name, index| pods.get(name) == Some(index));
         attach::forget_gone(&self.opts.pin_dir, &all);
+        let served: BTreeSet<u32> = self.pods.values().copied().collect();
+        if let Err(e) = self.dataplane.store.set_pod_ifs(&served) {
+            error!(error = format!("{e:#}"), "updating lb_pod_ifs; packets for pods take the stack");
+        }
     }
 }
 

@@ -1,12 +1,13 @@
-//! Attaching the programs: XDP on the external interfaces, TCX ingress on
-//! pod interfaces. Every attachment is a BPF link pinned under
-//! `<pin dir>/links/`, so it outlives the agent: an ordinary stop or a crash
-//! leaves traffic flowing, and the next run swaps its own program into the
-//! same link atomically. Only `lb-agent reset` detaches.
+//! Attaching the programs: the north-south program on the external
+//! interfaces (TC ingress by default, XDP where it is an acceleration),
+//! TCX ingress on pod interfaces. Every attachment is a BPF link pinned
+//! under `<pin dir>/links/`, so it outlives the agent: an ordinary stop or a
+//! crash leaves traffic flowing, and the next run swaps its own program
+//! into the same link atomically. Only `lb-agent reset` detaches.
 
 use std::{
-    collections::BTreeSet,
-    fs,
+    collections::{BTreeMap, BTreeSet},
+    fmt, fs,
     path::{Path, PathBuf},
 };
 
@@ -20,7 +21,7 @@ use aya::{
 };
 use tracing::{debug, info, warn};
 
-use crate::loader::{TC_PROGRAM, XDP_PROGRAM};
+use crate::loader::{TC_EXT_PROGRAM, TC_POD_PROGRAM, XDP_PROGRAM};
 
 pub fn links_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join("links")
@@ -30,27 +31,128 @@ pub fn link_pin(pin_dir: &Path, program: &str, ifname: &str) -> PathBuf {
     links_dir(pin_dir).join(format!("{program}@{ifname}"))
 }
 
-/// Loads both programs into the kernel (verification happens here).
+/// Loads the programs into the kernel (verification happens here).
 pub fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
     let xdp: &mut Xdp = ebpf.program_mut(XDP_PROGRAM).context("no XDP program")?.try_into()?;
     xdp.load().context("loading the XDP program")?;
-    let tc: &mut SchedClassifier = ebpf.program_mut(TC_PROGRAM).context("no TC program")?.try_into()?;
-    tc.load().context("loading the TC program")?;
+    for name in [TC_EXT_PROGRAM, TC_POD_PROGRAM] {
+        let tc: &mut SchedClassifier = ebpf.program_mut(name).context("no TC program")?.try_into()?;
+        tc.load().with_context(|| format!("loading {name}"))?;
+    }
     Ok(())
 }
 
 /// Lets the stack accept packets whose source is one of this node's
-/// addresses on `ifname`. The programs produce such packets: SNATed flows
-/// that XDP hands to the stack (next hop not yet resolved), and local
-/// backends' replies to a NodePort, rewritten at TC before routing.
+/// addresses on `ifname`. The programs produce such packets where they hand
+/// translated packets to the stack: SNATed flows XDP passes on (next hop
+/// not yet resolved), and local backends' replies to a NodePort when
+/// forwarding goes through the stack (XDP, `--forwarding stack`).
 fn accept_local(procfs: &Path, ifname: &str) -> Result<()> {
     let sysctl = procfs.join(format!("sys/net/ipv4/conf/{ifname}/accept_local"));
     fs::write(&sysctl, "1").with_context(|| format!("setting {}", sysctl.display()))
 }
 
-/// Attaches (or re-attaches) the XDP program to `ifname`.
-pub fn attach_xdp(ebpf: &mut Ebpf, pin_dir: &Path, procfs: &Path, ifname: &str) -> Result<()> {
+/// Which hook runs the north-south program on external interfaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Acceleration {
+    /// XDP where the interface is a NIC whose driver runs XDP natively,
+    /// else TC.
+    Auto,
+    Xdp,
+    Tc,
+}
+
+/// The hook an external interface got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Xdp,
+    Tc,
+}
+
+impl Hook {
+    pub fn program(self) -> &'static str {
+        match self {
+            Hook::Xdp => XDP_PROGRAM,
+            Hook::Tc => TC_EXT_PROGRAM,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Xdp => "xdp",
+            Hook::Tc => "tc",
+        }
+    }
+}
+
+/// What an external interface got, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct External {
+    pub interface: String,
+    pub hook: Hook,
+    pub reason: String,
+}
+
+impl fmt::Display for External {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} ({})", self.interface, self.hook.name(), self.reason)
+    }
+}
+
+/// The driver of `ifname`'s device, from sysfs; `None` for an interface
+/// without a device (veth, bridge, bond, tunnel...).
+fn device_driver(ifname: &str) -> Option<String> {
+    let link = fs::read_link(format!("/sys/class/net/{ifname}/device/driver")).ok()?;
+    Some(link.file_name()?.to_string_lossy().into_owned())
+}
+
+/// Attaches the north-south program to `ifname` as `accel` asks, then
+/// removes the other hook's link, if an earlier run left one: attached in
+/// that order, both hooks share the conntrack table and established flows
+/// carry on through the switch.
+pub fn attach_external(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    procfs: &Path,
+    ifname: &str,
+    accel: Acceleration,
+) -> Result<External> {
     accept_local(procfs, ifname)?;
+    let (hook, reason) = match accel {
+        Acceleration::Tc => {
+            attach_tc(ebpf, pin_dir, TC_EXT_PROGRAM, ifname)?;
+            (Hook::Tc, "forced by --acceleration tc".to_string())
+        }
+        Acceleration::Xdp => {
+            attach_xdp(ebpf, pin_dir, ifname, XdpMode::Default)?;
+            (Hook::Xdp, "forced by --acceleration xdp".to_string())
+        }
+        Acceleration::Auto => match device_driver(ifname) {
+            None => {
+                attach_tc(ebpf, pin_dir, TC_EXT_PROGRAM, ifname)?;
+                let reason = "a virtual interface: local senders leave checksums partial, which XDP cannot see, \
+                              and XDP_TX into a veth is lost unless its peer runs XDP";
+                (Hook::Tc, reason.to_string())
+            }
+            Some(driver) => match attach_xdp(ebpf, pin_dir, ifname, XdpMode::Driver) {
+                Ok(()) => (Hook::Xdp, format!("native XDP in driver {driver}")),
+                Err(e) => {
+                    attach_tc(ebpf, pin_dir, TC_EXT_PROGRAM, ifname)?;
+                    (Hook::Tc, format!("driver {driver} does not run XDP natively here: {e:#}"))
+                }
+            },
+        },
+    };
+    let other = if hook == Hook::Xdp { Hook::Tc } else { Hook::Xdp };
+    let stale = link_pin(pin_dir, other.program(), ifname);
+    if stale.exists() {
+        fs::remove_file(&stale).with_context(|| format!("detaching {}", stale.display()))?;
+        info!(interface = ifname, from = other.name(), to = hook.name(), "switched the north-south hook");
+    }
+    Ok(External { interface: ifname.to_string(), hook, reason })
+}
+
+fn attach_xdp(ebpf: &mut Ebpf, pin_dir: &Path, ifname: &str, mode: XdpMode) -> Result<()> {
     let prog: &mut Xdp = ebpf.program_mut(XDP_PROGRAM).context("no XDP program")?.try_into()?;
     pinned_link(
         prog,
@@ -58,19 +160,24 @@ pub fn attach_xdp(ebpf: &mut Ebpf, pin_dir: &Path, procfs: &Path, ifname: &str) 
         ifname,
         |prog, old| Ok(prog.attach_to_link(old.try_into()?).map(drop)?),
         |prog, name| {
-            let id = prog.attach(name, XdpMode::Default)?;
+            let id = prog.attach(name, mode)?;
             Ok(prog.take_link(id)?.try_into()?)
         },
     )
 }
 
-/// Attaches (or re-attaches) the TC program at ingress of `ifname`.
-pub fn attach_tc(ebpf: &mut Ebpf, pin_dir: &Path, procfs: &Path, ifname: &str) -> Result<()> {
+/// Attaches (or re-attaches) the pod program at ingress of `ifname`.
+pub fn attach_pod(ebpf: &mut Ebpf, pin_dir: &Path, procfs: &Path, ifname: &str) -> Result<()> {
     accept_local(procfs, ifname)?;
-    let prog: &mut SchedClassifier = ebpf.program_mut(TC_PROGRAM).context("no TC program")?.try_into()?;
+    attach_tc(ebpf, pin_dir, TC_POD_PROGRAM, ifname)
+}
+
+/// Attaches (or re-attaches) TC program `program` at ingress of `ifname`.
+fn attach_tc(ebpf: &mut Ebpf, pin_dir: &Path, program: &str, ifname: &str) -> Result<()> {
+    let prog: &mut SchedClassifier = ebpf.program_mut(program).context("no TC program")?.try_into()?;
     pinned_link(
         prog,
-        &link_pin(pin_dir, TC_PROGRAM, ifname),
+        &link_pin(pin_dir, program, ifname),
         ifname,
         |prog, old| Ok(prog.attach_to_link(old.try_into()?).map(drop)?),
         |prog, name| {
@@ -110,28 +217,35 @@ fn pinned_link<P>(
     Ok(())
 }
 
-/// The interfaces of this network namespace.
-pub fn interfaces() -> Result<BTreeSet<String>> {
+/// The interfaces of this network namespace: name → ifindex.
+pub fn interfaces() -> Result<BTreeMap<String, u32>> {
     let list = nix::net::if_::if_nameindex().context("listing interfaces")?;
-    Ok(list.iter().map(|i| i.name().to_string_lossy().into_owned()).collect())
+    Ok(list.iter().map(|i| (i.name().to_string_lossy().into_owned(), i.index())).collect())
 }
 
 /// Pod interfaces: those matching any of `patterns` (shell globs).
-pub fn matching(all: &BTreeSet<String>, patterns: &[glob::Pattern]) -> BTreeSet<String> {
-    all.iter().filter(|n| patterns.iter().any(|p| p.matches(n))).cloned().collect()
+pub fn matching(all: &BTreeMap<String, u32>, patterns: &[glob::Pattern]) -> BTreeMap<String, u32> {
+    all.iter().filter(|(n, _)| patterns.iter().any(|p| p.matches(n))).map(|(n, i)| (n.clone(), *i)).collect()
 }
 
-/// Removes pins of TC links whose interface is gone (the kernel already
-/// detached them).
-pub fn forget_gone(pin_dir: &Path, present: &BTreeSet<String>) {
+/// Removes the pin of the pod link on `ifname`: the interface is gone (the
+/// kernel already detached it), or it is a new interface under an old name.
+pub fn forget_pod(pin_dir: &Path, ifname: &str) {
+    let pin = link_pin(pin_dir, TC_POD_PROGRAM, ifname);
+    if fs::remove_file(&pin).is_ok() {
+        debug!(interface = ifname, "forgot the TC link of a gone interface");
+    }
+}
+
+/// Removes pins of pod links whose interface is gone.
+pub fn forget_gone(pin_dir: &Path, present: &BTreeMap<String, u32>) {
     let Ok(entries) = fs::read_dir(links_dir(pin_dir)) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(ifname) = name.strip_prefix(&format!("{TC_PROGRAM}@"))
-            && !present.contains(ifname)
+        if let Some(ifname) = name.strip_prefix(&format!("{TC_POD_PROGRAM}@"))
+            && !present.contains_key(ifname)
         {
-            debug!(interface = ifname, "interface gone: forgetting its TC link");
-            let _ = fs::remove_file(entry.path());
+            forget_pod(pin_dir, ifname);
         }
     }
 }

@@ -103,7 +103,15 @@ endpoints: [{addresses: ["10.244.1.5"]}, {addresses: ["10.244.2.6"]}]
     fn node() -> (NodeInfo, NodeSettings) {
         let addr: IpAddr = [192, 0, 2, 11].into();
         let info = NodeInfo { name: "node-1".into(), zone: None, addresses: vec![addr] };
-        (info, NodeSettings { addresses: BTreeSet::from([addr]), snat_addr: addr, nat_ports: (61000, 65535) })
+        (
+            info,
+            NodeSettings {
+                addresses: BTreeSet::from([addr]),
+                snat_addr: addr,
+                nat_ports: (61000, 65535),
+                via_stack: false,
+            },
+        )
     }
 
     #[test]

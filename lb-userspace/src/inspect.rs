@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use lb_common::{Drop, FrontendKind, L4, SlotKey, ct_flags, ct_tcp, frontend_flags, registry};
 use serde::Serialize;
@@ -287,5 +287,42 @@ pub fn stats_table(s: &Stats) -> (Table, Table) {
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_BORDERS_ONLY).set_header(header.to_vec());
+    t
+}
+
+#[derive(Serialize)]
+pub struct InterfaceRow {
+    pub interface: String,
+    pub program: String,
+    /// `xdp` or `tc` (north-south on an external interface), `pod`.
+    pub hook: &'static str,
+}
+
+/// The pinned links: which program serves which interface.
+pub fn interfaces(pin_dir: &std::path::Path) -> Result<Vec<InterfaceRow>> {
+    let mut rows = Vec::new();
+    let dir = crate::attach::links_dir(pin_dir);
+    let entries =
+        std::fs::read_dir(&dir).with_context(|| format!("reading {} (has the agent run?)", dir.display()))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((program, interface)) = name.split_once('@') else { continue };
+        let hook = match program {
+            p if p == crate::loader::XDP_PROGRAM => "xdp",
+            p if p == crate::loader::TC_EXT_PROGRAM => "tc",
+            p if p == crate::loader::TC_POD_PROGRAM => "pod",
+            _ => "?",
+        };
+        rows.push(InterfaceRow { interface: interface.into(), program: program.into(), hook });
+    }
+    rows.sort_by(|a, b| (a.hook == "pod", &a.interface).cmp(&(b.hook == "pod", &b.interface)));
+    Ok(rows)
+}
+
+pub fn interfaces_table(rows: &[InterfaceRow]) -> Table {
+    let mut t = table(&["INTERFACE", "HOOK", "PROGRAM"]);
+    for r in rows {
+        t.add_row(vec![r.interface.clone(), r.hook.into(), r.program.clone()]);
+    }
     t
 }

@@ -18,7 +18,8 @@ pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_D
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 pub const XDP_PROGRAM: &str = "lb_xdp";
-pub const TC_PROGRAM: &str = "lb_tc_pod";
+pub const TC_EXT_PROGRAM: &str = "lb_tc_ext";
+pub const TC_POD_PROGRAM: &str = "lb_tc_pod";
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
@@ -63,12 +64,28 @@ impl Capacities {
     }
 }
 
-/// Makes sure `dir` exists on a bpffs, mounting one there if it does not.
+/// Where systemd mounts bpffs, and where the agent mounts it when nothing is.
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+/// Makes sure `dir` is a directory on a bpffs. Under `/sys/fs/bpf` with
+/// nothing mounted there (hosts without systemd's mount: that directory is
+/// then an empty sysfs one, where nothing can be created), bpffs is
+/// mounted on `/sys/fs/bpf` first; anywhere else `dir` itself becomes the
+/// mount point.
 pub fn ensure_bpffs(dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir).with_context(|| format!("creating pin directory {}", dir.display()))?;
-    if is_bpffs(dir)? {
-        return Ok(());
+    let root = Path::new(BPFFS_ROOT);
+    if dir.starts_with(root) && !is_bpffs(root)? {
+        mount_bpffs(root)?;
+        tracing::info!(path = BPFFS_ROOT, "bpffs was not mounted: mounted it");
     }
+    fs::create_dir_all(dir).with_context(|| format!("creating pin directory {}", dir.display()))?;
+    if !is_bpffs(dir)? {
+        mount_bpffs(dir)?;
+    }
+    Ok(())
+}
+
+fn mount_bpffs(dir: &Path) -> Result<()> {
     let target = CString::new(dir.as_os_str().as_bytes())?;
     // SAFETY: valid NUL-terminated strings; no data argument.
     let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };

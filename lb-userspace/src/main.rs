@@ -105,6 +105,31 @@ struct RunArgs {
     /// Print the desired state for the manifests and exit, touching nothing.
     #[arg(long)]
     dry_run: bool,
+    /// The hook for the north-south program on each external interface:
+    /// `auto` takes XDP where the interface is a NIC whose driver runs it
+    /// natively, else TC (always correct, and it forwards around the host
+    /// stack); `xdp` or `tc` force one.
+    #[arg(long, env = "LB_ACCELERATION", value_enum, default_value = "auto")]
+    acceleration: AccelerationArg,
+    /// How translated packets continue: `redirect` sends them on from TC
+    /// around the host stack (faster; a netfilter firewall or NetworkPolicy
+    /// in the host then sees neither direction of those flows); `stack`
+    /// hands them to it.
+    #[arg(long, env = "LB_FORWARDING", value_enum, default_value = "redirect")]
+    forwarding: Forwarding,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AccelerationArg {
+    Auto,
+    Xdp,
+    Tc,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Forwarding {
+    Redirect,
+    Stack,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -117,6 +142,8 @@ enum What {
     Stats,
     /// Every map: type, entries, capacity.
     Maps,
+    /// The interfaces the programs are attached to, and with which hook.
+    Interfaces,
 }
 
 /// The map capacities, one flag per size of the map registry
@@ -202,7 +229,7 @@ fn main() -> Result<()> {
         Command::Run(args) => run(*args, cli.pin_dir),
         Command::Inspect { what, output, limit } => {
             let maps = Maps::open_pinned(&cli.pin_dir)?;
-            print_inspect(&maps, what, output, limit)
+            print_inspect(&maps, &cli.pin_dir, what, output, limit)
         }
         Command::Reset => {
             for removed in attach::reset(&cli.pin_dir)? {
@@ -251,6 +278,12 @@ fn run(args: RunArgs, pin_dir: PathBuf) -> Result<()> {
         procfs: args.procfs,
         metrics_address: args.metrics_address,
         health_address: args.health_address,
+        acceleration: match args.acceleration {
+            AccelerationArg::Auto => attach::Acceleration::Auto,
+            AccelerationArg::Xdp => attach::Acceleration::Xdp,
+            AccelerationArg::Tc => attach::Acceleration::Tc,
+        },
+        via_stack: args.forwarding == Forwarding::Stack,
     };
     // Two workers: a sync holds one (`block_in_place`), the HTTP servers and
     // the watchers keep the other.
@@ -261,7 +294,13 @@ fn run(args: RunArgs, pin_dir: PathBuf) -> Result<()> {
         .block_on(agent::run(opts))
 }
 
-fn print_inspect(maps: &Maps, what: What, output: Output, limit: usize) -> Result<()> {
+fn print_inspect(
+    maps: &Maps,
+    pin_dir: &std::path::Path,
+    what: What,
+    output: Output,
+    limit: usize,
+) -> Result<()> {
     match what {
         What::Services => show(&inspect::services(maps)?, output, |r| inspect::services_table(r).to_string()),
         What::Backends => show(&inspect::backends(maps)?, output, |r| inspect::backends_table(r).to_string()),
@@ -273,6 +312,9 @@ fn print_inspect(maps: &Maps, what: What, output: Output, limit: usize) -> Resul
             format!("{services}\n{drops}")
         }),
         What::Maps => show(&inspect::maps(maps), output, |r| inspect::maps_table(r).to_string()),
+        What::Interfaces => {
+            show(&inspect::interfaces(pin_dir)?, output, |r| inspect::interfaces_table(r).to_string())
+        }
     }
 }
 

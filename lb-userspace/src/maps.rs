@@ -2,7 +2,10 @@
 //! (for `inspect`, which works whether or not the agent runs), and the
 //! kernel's `MapStore`.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
 
 use anyhow::{Context as _, Result};
 use aya::{
@@ -26,6 +29,7 @@ pub struct Maps {
     pub affinity_match: HashMap<MapData, AffinityMatchKey, u32>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
     pub names: HashMap<MapData, u32, ServiceName>,
+    pub pod_ifs: HashMap<MapData, u32, u32>,
     pub services: HashMap<MapData, FrontendKey, Frontend>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
@@ -85,6 +89,7 @@ impl Maps {
             affinity_match: typed!(reg::AFFINITY_MATCH),
             source_ranges: typed!(reg::SOURCE_RANGES),
             names: typed!(reg::SERVICE_NAMES),
+            pod_ifs: typed!(reg::POD_IFS),
             services: typed!(reg::SERVICES),
             conntrack: typed!(reg::CONNTRACK),
             affinity: typed!(reg::AFFINITY),
@@ -99,6 +104,21 @@ impl Maps {
         self.capacities.get(def.name).copied()
     }
 
+    /// Makes `lb_pod_ifs` hold exactly `ifindexes` (the host sides of the
+    /// pod interfaces served): additions first, then removals.
+    pub fn set_pod_ifs(&mut self, ifindexes: &BTreeSet<u32>) -> Result<()> {
+        let present: BTreeSet<u32> = self.pod_ifs.keys().collect::<Result<_, _>>()?;
+        for i in ifindexes.difference(&present) {
+            self.pod_ifs
+                .insert(i, &1, 0)
+                .with_context(|| format!("adding pod interface {i} to lb_pod_ifs"))?;
+        }
+        for i in present.difference(ifindexes) {
+            ignore_missing(self.pod_ifs.remove(i))?;
+        }
+        Ok(())
+    }
+
     /// How many keys a hash, LRU or LPM map of the registry holds now
     /// (arrays have all their slots all the time: `None`).
     pub fn entries(&self, def: &MapDef) -> Option<usize> {
@@ -109,6 +129,7 @@ impl Maps {
             n if n == reg::AFFINITY_MATCH.name => self.affinity_match.keys().count(),
             n if n == reg::SOURCE_RANGES.name => self.source_ranges.keys().count(),
             n if n == reg::SERVICE_NAMES.name => self.names.keys().count(),
+            n if n == reg::POD_IFS.name => self.pod_ifs.keys().count(),
             n if n == reg::SERVICES.name => self.services.keys().count(),
             n if n == reg::CONNTRACK.name => self.conntrack.keys().count(),
             n if n == reg::AFFINITY.name => self.affinity.keys().count(),

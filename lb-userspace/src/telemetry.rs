@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::{
+    attach,
     maps::Maps,
     model::HealthCheck,
     reconciler::{MapStore as _, keys},
@@ -35,8 +36,9 @@ use crate::{
 /// Sync results, shared between the agent loop and the HTTP servers.
 pub struct Telemetry {
     pub pin_dir: PathBuf,
-    /// Files whose presence means the programs are attached (pinned links).
-    pub attached: Vec<PathBuf>,
+    /// The external interfaces' hooks, and the pinned links whose presence
+    /// means the programs are attached (none yet: not attached).
+    externals: Mutex<(Vec<attach::External>, Vec<PathBuf>)>,
     pub ready: AtomicBool,
     pub syncs: AtomicU64,
     pub sync_errors: AtomicU64,
@@ -46,11 +48,11 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    pub fn new(pin_dir: PathBuf, attached: Vec<PathBuf>) -> Arc<Self> {
+    pub fn new(pin_dir: PathBuf) -> Arc<Self> {
         let buckets = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0].into_iter();
         Arc::new(Self {
             pin_dir,
-            attached,
+            externals: Mutex::new((Vec::new(), Vec::new())),
             ready: AtomicBool::new(false),
             syncs: AtomicU64::new(0),
             sync_errors: AtomicU64::new(0),
@@ -58,6 +60,13 @@ impl Telemetry {
             backends: AtomicU64::new(0),
             sync_seconds: Mutex::new(Histogram::new(buckets)),
         })
+    }
+
+    /// Records which hook each external interface got.
+    pub fn attached(&self, pin_dir: &std::path::Path, externals: Vec<attach::External>) {
+        let links =
+            externals.iter().map(|e| attach::link_pin(pin_dir, e.hook.program(), &e.interface)).collect();
+        *self.externals.lock().expect("lock") = (externals, links);
     }
 
     /// Records a successful sync.
@@ -137,6 +146,17 @@ impl Telemetry {
             }
         }
         reg.register("map_entries", "Entries in each map", used);
+        let hooks = Family::<Labels, Gauge>::default();
+        for e in &self.externals.lock().expect("lock").0 {
+            let labels =
+                vec![("interface".into(), e.interface.clone()), ("hook".into(), e.hook.name().into())];
+            hooks.get_or_create(&labels).set(1);
+        }
+        reg.register(
+            "external_interface",
+            "The hook running the north-south program on each external interface",
+            hooks,
+        );
         reg.register("map_capacity", "Capacity of each map", capacity);
 
         let gauge = |v: &AtomicU64| {
@@ -175,7 +195,11 @@ async fn metrics(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
 }
 
 async fn healthz(State(t): State<Arc<Telemetry>>) -> (StatusCode, &'static str) {
-    if t.attached.iter().all(|p| p.exists()) {
+    let attached = {
+        let externals = t.externals.lock().expect("lock");
+        !externals.1.is_empty() && externals.1.iter().all(|p| p.exists())
+    };
+    if attached {
         (StatusCode::OK, "ok\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "programs not attached\n")

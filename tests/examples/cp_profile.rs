@@ -14,8 +14,12 @@ fn main() -> anyhow::Result<()> {
     write_manifests(&dir, 10_000, 10, Proto::Tcp, None)?;
     let node = NodeInfo { name: "bench".into(), zone: None, addresses: vec![[192, 0, 2, 11].into()] };
     let addr = std::net::IpAddr::from([192, 0, 2, 11]);
-    let settings =
-        NodeSettings { addresses: BTreeSet::from([addr]), snat_addr: addr, nat_ports: (61000, 65535) };
+    let settings = NodeSettings {
+        addresses: BTreeSet::from([addr]),
+        snat_addr: addr,
+        nat_ports: (61000, 65535),
+        via_stack: false,
+    };
     let mut folder = Folder::new(&dir);
     let t = Instant::now();
     let (state, _) = folder.refresh();

@@ -21,7 +21,7 @@ use aya::{
 use lb_common::{FrontendKind, L4, Scope};
 use lb_userspace::{
     frontend::Frontend,
-    loader::{self, Capacities, TC_PROGRAM, XDP_PROGRAM},
+    loader::{self, Capacities, TC_EXT_PROGRAM, TC_POD_PROGRAM, XDP_PROGRAM},
     maps::Maps,
     model::{Desired, DesiredBackend, DesiredFrontend},
     reconciler::{self, NodeSettings, Reconciler, keys},
@@ -99,16 +99,14 @@ impl Bed {
             RUN.fetch_add(1, Ordering::Relaxed)
         ));
         let mut ebpf = loader::load(&pin_dir, &Capacities::default())?;
-        let xdp: &mut Xdp = ebpf.program_mut(XDP_PROGRAM).context("xdp program")?.try_into()?;
-        xdp.load()?;
-        let tc: &mut SchedClassifier = ebpf.program_mut(TC_PROGRAM).context("tc program")?.try_into()?;
-        tc.load()?;
+        lb_userspace::attach::load_programs(&mut ebpf)?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
         let node = IpAddr::from(NODE_ADDR);
         let settings = NodeSettings {
             addresses: [node].into(),
             snat_addr: node,
             nat_ports: (lb_common::DEFAULT_NAT_PORT_MIN, lb_common::DEFAULT_NAT_PORT_MAX),
+            via_stack: false,
         };
         let mut bed = Self {
             ebpf,
@@ -167,8 +165,15 @@ impl Bed {
         run(p, frame)
     }
 
+    /// The pod program (TC at the host side of a pod's interface).
     pub fn tc(&self, frame: &[u8]) -> Result<Run> {
-        let p: &SchedClassifier = self.ebpf.program(TC_PROGRAM).context("tc")?.try_into()?;
+        let p: &SchedClassifier = self.ebpf.program(TC_POD_PROGRAM).context("tc")?.try_into()?;
+        run(p, frame)
+    }
+
+    /// The north-south program at TC (external interfaces).
+    pub fn tc_ext(&self, frame: &[u8]) -> Result<Run> {
+        let p: &SchedClassifier = self.ebpf.program(TC_EXT_PROGRAM).context("tc ext")?.try_into()?;
         run(p, frame)
     }
 }

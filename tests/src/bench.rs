@@ -243,8 +243,12 @@ fn caps_for(n: u32, per: u32) -> Capacities {
 
 fn plan_synthetic(n: u32, per: u32) -> Result<Vec<reconciler::Op>> {
     let node = std::net::IpAddr::from(NODE);
-    let settings =
-        NodeSettings { addresses: BTreeSet::from([node]), snat_addr: node, nat_ports: (61000, 65535) };
+    let settings = NodeSettings {
+        addresses: BTreeSet::from([node]),
+        snat_addr: node,
+        nat_ports: (61000, 65535),
+        via_stack: false,
+    };
     Reconciler::new().plan(&synthetic(n, per), &settings)
 }
 

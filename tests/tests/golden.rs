@@ -23,7 +23,7 @@ fn node() -> NodeInfo {
 
 fn settings() -> NodeSettings {
     let addr = IpAddr::from([192, 0, 2, 11]);
-    NodeSettings { addresses: [addr].into(), snat_addr: addr, nat_ports: (61000, 65535) }
+    NodeSettings { addresses: [addr].into(), snat_addr: addr, nat_ports: (61000, 65535), via_stack: false }
 }
 
 fn errors(loaded: &[manifests::ManifestError]) -> String {

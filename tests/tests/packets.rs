@@ -456,7 +456,10 @@ fn translated_packets_reuse_the_cached_next_hop() {
 
     assert_eq!(send("S"), NEXT_HOP_MAC);
     let cached = cache.get(&slot, 0).unwrap()[0];
-    assert_eq!((cached.ifindex, cached.daddr, cached.dmac), (wire.ifindex, backend, NEXT_HOP_MAC));
+    assert_eq!(
+        (cached.ingress, cached.oif, cached.daddr, cached.dmac),
+        (wire.ifindex, wire.ifindex, backend, NEXT_HOP_MAC)
+    );
 
     // The neighbour moves; the cached answer still applies for now.
     let moved = [0x02, 0, 0, 0, 0, 0x13];

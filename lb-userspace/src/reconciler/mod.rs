@@ -22,7 +22,9 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use ipnet::Ipv4Net;
-use lb_common::{AffinityMatchKey, Backend, Config, Scope, ServiceName, SlotKey, frontend_flags, registry};
+use lb_common::{
+    AffinityMatchKey, Backend, Config, Scope, ServiceName, SlotKey, config_flags, frontend_flags, registry,
+};
 
 pub use self::store::{MapStore, MemoryStore, Op, Programmed, StoreError};
 use crate::{
@@ -40,6 +42,8 @@ pub struct NodeSettings {
     pub snat_addr: IpAddr,
     /// SNAT source ports, MIN..=MAX.
     pub nat_ports: (u16, u16),
+    /// Hand translated packets to the host stack rather than redirect them.
+    pub via_stack: bool,
 }
 
 impl NodeSettings {
@@ -48,6 +52,7 @@ impl NodeSettings {
             snat_addr: keys::ipv4(self.snat_addr)?,
             nat_port_min: self.nat_ports.0,
             nat_port_max: self.nat_ports.1,
+            flags: if self.via_stack { config_flags::VIA_STACK } else { 0 },
         })
     }
 }

@@ -7,7 +7,7 @@ use super::*;
 
 fn node() -> NodeSettings {
     let addr = IpAddr::from([192, 0, 2, 11]);
-    NodeSettings { addresses: [addr].into(), snat_addr: addr, nat_ports: (61000, 65535) }
+    NodeSettings { addresses: [addr].into(), snat_addr: addr, nat_ports: (61000, 65535), via_stack: false }
 }
 
 fn be(last: u8) -> DesiredBackend {
