@@ -224,7 +224,7 @@ impl Agent {
         for iface in &opts.external_interfaces {
             let ext =
                 attach::attach_external(&mut ebpf, &opts.pin_dir, &opts.procfs, iface, opts.acceleration)?;
-            info!(interface = %ext.interface, hook = ext.hook.name(), reason = %ext.reason, "north-south hook");
+            info!(interface = %ext.interface, hook = %ext.hook.name(), reason = %ext.reason, "north-south hook");
             externals.push(ext);
         }
         telemetry.attached(&opts.pin_dir, externals);

@@ -171,10 +171,39 @@ impl Bed {
         run(p, frame)
     }
 
-    /// The north-south program at TC (external interfaces).
+    /// The north-south program at TC (external interfaces), received by
+    /// the test run's own device (loopback, whose address is all zeros:
+    /// the frame is addressed to it, or it would be another host's).
     pub fn tc_ext(&self, frame: &[u8]) -> Result<Run> {
         let p: &SchedClassifier = self.ebpf.program(TC_EXT_PROGRAM).context("tc ext")?.try_into()?;
-        run(p, frame)
+        let mut frame = frame.to_vec();
+        frame[..6].copy_from_slice(&[0; 6]);
+        run(p, &frame)
+    }
+
+    /// TC program `program` on a frame received by interface `ifindex`;
+    /// from a thread inside that interface's namespace.
+    pub fn tc_on(&self, program: &str, frame: &[u8], ifindex: u32) -> Result<Run> {
+        let p: &SchedClassifier = self.ebpf.program(program).context("tc")?.try_into()?;
+        // struct __sk_buff: ingress_ifindex at 36, ifindex at 40.
+        let mut ctx = [0u8; 192];
+        ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = p.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })?;
+        out.truncate(r.data_size_out as usize);
+        Ok(Run { action: r.return_value, frame: out })
+    }
+
+    /// Hands translated packets to the host stack (`--forwarding stack`).
+    pub fn set_via_stack(&mut self, via_stack: bool) -> Result<()> {
+        self.settings.via_stack = via_stack;
+        self.sync()
     }
 }
 

@@ -9,10 +9,19 @@
 //!
 //! Every interface and address lives in namespaces made here, named with a
 //! per-run prefix; nothing routes out of the topology. Each node runs the
-//! real `lb-agent` from a manifests folder, as a DaemonSet would, with XDP
-//! on its `eth0` and TC on its pod interfaces. Pods run `lb-netcheck serve`.
-//! Dropping the cluster stops everything and removes the namespaces and the
-//! bpffs mount, also when a test fails.
+//! real `lb-agent` from a manifests folder, as a DaemonSet would, on its
+//! `eth0` and its pod interfaces. Pods run `lb-netcheck serve`. Dropping
+//! the cluster stops everything and removes the namespaces and the bpffs
+//! mount, also when a test fails.
+//!
+//! The default topology is what plain Linux gives (kind, containerlab, a
+//! VM bridge): a bridge as the switch, veths with the kernel's default
+//! offloads, nothing attached on the switch side, and a default route on
+//! each node toward an address nobody answers. The agents choose their
+//! hooks themselves (`--acceleration auto`: TC on a veth). `Topology::NicLike`
+//! models NICs instead, to carry XDP: senders complete their checksums
+//! (`tx off`), the switch ports run an XDP program (so XDP_TX frames are
+//! delivered to them), and the agents are told `--acceleration xdp`.
 
 use std::{
     path::{Path, PathBuf},
@@ -41,6 +50,17 @@ pub const NODE_NAMES: [&str; 2] = ["node-1", "node-2"];
 /// Routed by the client to node-1: LoadBalancer (TEST-NET-2) and external
 /// IPs (TEST-NET-3), as an upstream router would.
 pub const VIP_RANGES: [&str; 2] = ["198.51.100.0/24", "203.0.113.0/24"];
+
+/// Nobody has this address: the nodes' default route points at it.
+pub const NOWHERE: &str = "192.0.2.254";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// The untuned model of a real network (the default).
+    Plain,
+    /// NIC-like links, for the XDP path.
+    NicLike,
+}
 
 #[derive(Clone, Copy)]
 enum Plug {
@@ -83,9 +103,11 @@ pub struct Cluster {
     pub switch: Netns,
     pub manifests: PathBuf,
     pub bpffs: Bpffs,
-    /// XDP_PASS on the switch ports, so frames the nodes send with XDP_TX
-    /// are delivered (a veth drops them unless its peer runs XDP or GRO,
-    /// and GRO would merge forwarded segments into oversized frames).
+    pub topology: Topology,
+    /// NIC-like: XDP_PASS on the switch ports, so frames the nodes send
+    /// with XDP_TX are delivered (a veth drops them unless its peer runs
+    /// XDP or GRO, and GRO would merge forwarded segments into oversized
+    /// frames).
     floor: aya::Ebpf,
     switch_ports: Vec<String>,
     pod_seq: usize,
@@ -100,9 +122,13 @@ fn ethtool(ns: &Netns, args: &[&str]) -> Result<()> {
 }
 
 impl Cluster {
-    /// Builds the topology, starts `pods`' servers and an agent per node
-    /// reading `manifests` (copied to a folder tests may edit).
+    /// Builds the default topology, starts `pods`' servers and an agent per
+    /// node reading `manifests` (copied to a folder tests may edit).
     pub fn new(manifests: &Path, pods: &[PodSpec]) -> Result<Self> {
+        Self::with_topology(manifests, pods, Topology::Plain)
+    }
+
+    pub fn with_topology(manifests: &Path, pods: &[PodSpec], topology: Topology) -> Result<Self> {
         crate::require_root();
         crate::netns::cleanup_on_interrupt();
         let switch = Netns::new("sw")?;
@@ -117,6 +143,7 @@ impl Cluster {
             switch,
             manifests: std::env::temp_dir().join(unique("man")),
             bpffs: Bpffs::new()?,
+            topology,
             floor: aya::Ebpf::load(lb_userspace::loader::FLOOR_OBJECT)?,
             switch_ports: Vec::new(),
             pod_seq: 0,
@@ -153,8 +180,10 @@ impl Cluster {
         veth(&self.switch, &port, ns, "eth0")?;
         self.switch.ip(&["link", "set", &port, "master", "br0"])?;
         ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
-        // Frames leave these interfaces with complete checksums, as on a wire.
-        ethtool(ns, &["-K", "eth0", "tx", "off"])?;
+        if self.topology == Topology::NicLike {
+            // Frames leave with complete checksums, as from a NIC.
+            ethtool(ns, &["-K", "eth0", "tx", "off"])?;
+        }
         self.switch_ports.push(port);
         Ok(())
     }
@@ -189,8 +218,12 @@ impl Cluster {
             node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
             let other = 1 - i;
             node.ip(&["route", "add", &format!("10.244.{}.0/24", other + 1), "via", NODE_ADDRS[other]])?;
+            node.ip(&["route", "add", "default", "via", NOWHERE])?;
         }
-        self.attach_switch_floor()
+        if self.topology == Topology::NicLike {
+            self.attach_switch_floor()?;
+        }
+        Ok(())
     }
 
     /// Adds a pod (namespace, veth `lbp-*` to its node, routes) and starts
@@ -235,6 +268,15 @@ impl Cluster {
     }
 
     pub fn start_agent(&self, node: usize) -> Result<Agent> {
+        let acceleration = match self.topology {
+            Topology::Plain => "auto",
+            Topology::NicLike => "xdp",
+        };
+        self.start_agent_with(node, acceleration)
+    }
+
+    /// Starts node `node`'s agent with `--acceleration acceleration`.
+    pub fn start_agent_with(&self, node: usize, acceleration: &str) -> Result<Agent> {
         let pin = self.pin_dir(node);
         let manifests = self.manifests.to_string_lossy().into_owned();
         let pin = pin.to_string_lossy().into_owned();
@@ -250,6 +292,8 @@ impl Cluster {
             "lbp-*",
             "--pin-dir",
             &pin,
+            "--acceleration",
+            acceleration,
         ];
         Agent::start(&self.nodes[node], &args)
     }

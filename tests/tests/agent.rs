@@ -187,3 +187,62 @@ fn health_answers_during_a_long_sync() {
     assert_eq!(readyz(), "200");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With the default `--pin-dir` and nothing mounted on /sys/fs/bpf (the
+/// node's fresh mount namespace of `ip netns exec`, with its own sysfs),
+/// the agent mounts bpffs there and goes on. The machine's own /sys/fs/bpf
+/// is not touched.
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn the_default_pin_dir_gets_bpffs_mounted() {
+    require_root();
+    let mounts = || std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let before = mounts();
+    let node = Netns::new("n").unwrap();
+    veth(&node, "ext0", &node, "ext1").unwrap();
+    node.ip(&["addr", "add", "192.0.2.11/24", "dev", "ext0"]).unwrap();
+    let dir = tempdir();
+    std::fs::write(dir.join("service.yaml"), SERVICE).unwrap();
+    std::fs::write(dir.join("slice.yaml"), slice(&["10.244.1.5"])).unwrap();
+    let args = [
+        "run",
+        "--manifests",
+        dir.to_str().unwrap(),
+        "--node-name",
+        "node-1",
+        "--external-interface",
+        "ext0",
+    ];
+    let agent = Agent::start(&node, &args).unwrap();
+    let synced = wait_for(Duration::from_secs(10), || agent.log().contains("synced").then_some(()));
+    assert!(synced.is_some(), "{}", agent.log());
+    assert!(agent.log().contains("bpffs was not mounted: mounted it"), "{}", agent.log());
+    // The agent's own mount namespace holds the mount, with its pins.
+    let pid = agent.child.id();
+    let theirs = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+    let agent_mounts: Vec<&str> =
+        theirs.lines().filter(|l| l.contains(" /sys/fs/bpf ") && l.contains(" bpf ")).collect();
+    // `ip netns exec` runs the agent as its child: look there too.
+    let in_ns = if agent_mounts.is_empty() {
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        children.split_whitespace().any(|c| {
+            std::fs::read_to_string(format!("/proc/{c}/mountinfo"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.contains(" /sys/fs/bpf ") && l.contains(" bpf "))
+        })
+    } else {
+        true
+    };
+    assert!(in_ns, "no bpffs on /sys/fs/bpf in the agent's mount namespace");
+    let metrics = node.cmd("curl").args(["-s", "-m", "2", "http://127.0.0.1:9960/metrics"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&metrics.stdout).contains("lb_frontends 2"), "metrics read the pins");
+    drop(agent);
+    assert_eq!(
+        mounts().lines().filter(|l| l.contains(" /sys/fs/bpf ")).count(),
+        before.lines().filter(|l| l.contains(" /sys/fs/bpf ")).count(),
+        "the machine's mounts changed"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -14,6 +14,7 @@ const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_REDIRECT: u32 = 7;
+const TC_ACT_SHOT: u32 = 2;
 
 const POD_CLIENT: [u8; 4] = [10, 244, 1, 5];
 const EXT_CLIENT: [u8; 4] = [192, 0, 2, 100];
@@ -534,4 +535,173 @@ fn a_node_port_is_not_served_on_the_unspecified_address() {
         }
     }
     assert_eq!(bed.maps.conntrack.iter().count(), 0);
+}
+
+/// TC on external interfaces: the same translations as XDP (run on the
+/// test run's own device, so no forwarding decision).
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn tc_on_external_interfaces_translates_as_xdp_does() {
+    let mut bed = bed();
+    bed.service(frontend([0; 4], 30080, L4::Tcp), FrontendKind::NodePort, &[Be::remote(REMOTE_POD, 8080)])
+        .unwrap();
+    bed.service(frontend(LB_IP, 80, L4::Udp), FrontendKind::LoadBalancer, &[Be::local(LOCAL_POD, 5353)])
+        .unwrap();
+    bed.service(frontend(CLUSTER_IP, 80, L4::Tcp), FrontendKind::ClusterIp, &[]).unwrap();
+    let mut local = desired(FrontendKind::NodePort, &[]);
+    local.local_only = true;
+    bed.program(frontend([0; 4], 30081, L4::Tcp), local).unwrap();
+
+    let out = bed.tc_ext(&tcp((EXT_CLIENT, 50000), (NODE_ADDR, 30080), "S", b"")).unwrap();
+    let seen = parse_checked(&out.frame);
+    assert_eq!((seen.src.0, seen.dst), (NODE_ADDR, (REMOTE_POD, 8080)), "SNAT + DNAT");
+    let reply = bed.tc_ext(&tcp((REMOTE_POD, 8080), seen.src, "SA", b"")).unwrap();
+    assert_eq!(parse_checked(&reply.frame).src, (NODE_ADDR, 30080));
+    assert_eq!(parse_checked(&reply.frame).dst, (EXT_CLIENT, 50000));
+
+    let out = bed.tc_ext(&packet::udp_no_checksum((EXT_CLIENT, 40000), (LB_IP, 80), b"q")).unwrap();
+    let seen = parse_checked(&out.frame);
+    assert_eq!((seen.dst, seen.l4_checksum), ((LOCAL_POD, 5353), 0), "UDP without checksum keeps 0");
+
+    let out = bed.tc_ext(&tcp((EXT_CLIENT, 50001), (CLUSTER_IP, 80), "S", b"")).unwrap();
+    assert_eq!(out.action, TC_ACT_REDIRECT, "port unreachable, back out of the same device");
+    assert_eq!(parse_port_unreachable(&out.frame).to, std::net::Ipv4Addr::from(EXT_CLIENT));
+    let out = bed.tc_ext(&tcp((EXT_CLIENT, 50002), (NODE_ADDR, 30081), "S", b"")).unwrap();
+    assert_eq!(out.action, TC_ACT_SHOT, "traffic policy Local, nothing local: drop");
+
+    // A frame a switch flooded here, for another host: not ours to touch.
+    let mut flooded = tcp((EXT_CLIENT, 50003), (NODE_ADDR, 30080), "S", b"");
+    flooded[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+    let p: &aya::programs::SchedClassifier =
+        bed.ebpf.program(lb_userspace::loader::TC_EXT_PROGRAM).unwrap().try_into().unwrap();
+    let mut out = vec![0u8; flooded.len() + 64];
+    let r = aya::programs::TestRun::test_run(
+        p,
+        aya::programs::TestRunOptions {
+            data_in: Some(&flooded),
+            data_out: Some(&mut out),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    out.truncate(r.data_size_out as usize);
+    assert_eq!((r.return_value, out), (TC_ACT_OK, flooded), "another host's frame was translated");
+}
+
+/// A node in a namespace: `ext0` (192.0.2.11/24) toward the client and the
+/// other node, `lbp0` toward a local pod, neighbours fixed.
+struct TcNode {
+    ns: lb_tests::netns::Netns,
+    ext: u32,
+    ext_mac: [u8; 6],
+    pod_if: u32,
+    pod_if_mac: [u8; 6],
+}
+
+const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x07];
+
+fn tc_node() -> TcNode {
+    let ns = lb_tests::netns::Netns::new("t").unwrap();
+    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    let mac = |m: [u8; 6]| m.map(|b| format!("{b:02x}")).join(":");
+    for (a, b) in [("ext0", "ext1"), ("lbp0", "lbp0p")] {
+        ns.ip(&["link", "add", "name", a, "type", "veth", "peer", "name", b]).unwrap();
+        ns.ip(&["link", "set", a, "up"]).unwrap();
+        ns.ip(&["link", "set", b, "up"]).unwrap();
+    }
+    ns.ip(&["addr", "add", "192.0.2.11/24", "dev", "ext0"]).unwrap();
+    ns.ip(&[
+        "neigh",
+        "add",
+        "192.0.2.100",
+        "lladdr",
+        &mac(packet::CLIENT_MAC),
+        "dev",
+        "ext0",
+        "nud",
+        "permanent",
+    ])
+    .unwrap();
+    ns.ip(&["neigh", "add", NEXT_HOP, "lladdr", &mac(NEXT_HOP_MAC), "dev", "ext0", "nud", "permanent"])
+        .unwrap();
+    ns.ip(&["route", "add", "10.244.2.0/24", "via", NEXT_HOP, "dev", "ext0"]).unwrap();
+    ns.ip(&["route", "add", "10.244.1.7/32", "dev", "lbp0"]).unwrap();
+    ns.ip(&["neigh", "add", "10.244.1.7", "lladdr", &mac(POD_MAC), "dev", "lbp0", "nud", "permanent"])
+        .unwrap();
+    let mac_of = |dev: &str| {
+        let out = ns.ip(&["-o", "link", "show", "dev", dev]).unwrap();
+        let text =
+            out.split("link/ether ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().to_string();
+        let b: Vec<u8> = text.split(':').map(|x| u8::from_str_radix(x, 16).unwrap()).collect();
+        <[u8; 6]>::try_from(b).unwrap()
+    };
+    let (ext_mac, pod_if_mac) = (mac_of("ext0"), mac_of("lbp0"));
+    let (ext, pod_if) = ns
+        .enter(|| {
+            (nix::net::if_::if_nametoindex("ext0").unwrap(), nix::net::if_::if_nametoindex("lbp0").unwrap())
+        })
+        .unwrap();
+    TcNode { ns, ext, ext_mac, pod_if, pod_if_mac }
+}
+
+/// North-south at TC forwards around the host stack: into a local pod
+/// (redirect to the peer, the pod's MAC written), toward a remote backend
+/// and back to the client (redirect out with the next hop's MAC), one hop
+/// less each time; the local pod's reply leaves from its own hook the same
+/// way. With `--forwarding stack` all of it goes up the stack instead.
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn tc_forwards_north_south_flows_around_the_host_stack() {
+    let node = tc_node();
+    let mut bed = bed();
+    bed.maps.set_pod_ifs(&[node.pod_if].into()).unwrap();
+    bed.service(frontend([0; 4], 30080, L4::Tcp), FrontendKind::NodePort, &[Be::local(LOCAL_POD, 8080)])
+        .unwrap();
+    bed.service(frontend([0; 4], 30082, L4::Tcp), FrontendKind::NodePort, &[Be::remote(REMOTE_POD, 8080)])
+        .unwrap();
+    let to_node = |sport: u16, port: u16, flags: &str| {
+        let mut f = tcp((EXT_CLIENT, sport), (NODE_ADDR, port), flags, b"");
+        f[..6].copy_from_slice(&node.ext_mac);
+        f
+    };
+    let run = |bed: &Bed, program: &str, frame: &[u8], ifindex: u32| {
+        node.ns.enter(|| bed.tc_on(program, frame, ifindex).unwrap()).unwrap()
+    };
+    use lb_userspace::loader::{TC_EXT_PROGRAM, TC_POD_PROGRAM};
+
+    // Into the local pod.
+    let out = run(&bed, TC_EXT_PROGRAM, &to_node(50000, 30080, "S"), node.ext);
+    assert_eq!(out.action, TC_ACT_REDIRECT);
+    let seen = parse_checked(&out.frame);
+    assert_eq!((seen.src, seen.dst, seen.ttl), ((EXT_CLIENT, 50000), (LOCAL_POD, 8080), 63));
+    assert_eq!((seen.eth_dst, seen.eth_src), (POD_MAC, node.pod_if_mac), "addressed to the pod");
+    // Its reply, at the pod's hook, goes straight back out toward the client.
+    let mut reply = tcp((LOCAL_POD, 8080), (EXT_CLIENT, 50000), "SA", b"");
+    reply[..6].copy_from_slice(&node.pod_if_mac);
+    let out = run(&bed, TC_POD_PROGRAM, &reply, node.pod_if);
+    assert_eq!(out.action, TC_ACT_REDIRECT);
+    let seen = parse_checked(&out.frame);
+    assert_eq!((seen.src, seen.dst, seen.ttl), ((NODE_ADDR, 30080), (EXT_CLIENT, 50000), 63));
+    assert_eq!((seen.eth_dst, seen.eth_src), (packet::CLIENT_MAC, node.ext_mac));
+
+    // Toward the remote backend, and its reply back to the client.
+    let out = run(&bed, TC_EXT_PROGRAM, &to_node(50001, 30082, "S"), node.ext);
+    assert_eq!(out.action, TC_ACT_REDIRECT);
+    let seen = parse_checked(&out.frame);
+    assert_eq!((seen.src.0, seen.dst, seen.ttl), (NODE_ADDR, (REMOTE_POD, 8080), 63));
+    assert_eq!((seen.eth_dst, seen.eth_src), (NEXT_HOP_MAC, node.ext_mac));
+    let mut back = tcp((REMOTE_POD, 8080), seen.src, "SA", b"");
+    back[..6].copy_from_slice(&node.ext_mac);
+    let out = run(&bed, TC_EXT_PROGRAM, &back, node.ext);
+    assert_eq!(out.action, TC_ACT_REDIRECT);
+    let seen = parse_checked(&out.frame);
+    assert_eq!((seen.src, seen.dst), ((NODE_ADDR, 30082), (EXT_CLIENT, 50001)));
+    assert_eq!(seen.eth_dst, packet::CLIENT_MAC);
+
+    // Through the stack, when asked.
+    bed.set_via_stack(true).unwrap();
+    let out = run(&bed, TC_EXT_PROGRAM, &to_node(50002, 30080, "S"), node.ext);
+    assert_eq!(out.action, TC_ACT_OK);
+    let seen = parse_checked(&out.frame);
+    assert_eq!((seen.dst, seen.ttl), ((LOCAL_POD, 8080), 64), "translated, not forwarded");
 }

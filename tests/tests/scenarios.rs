@@ -10,7 +10,7 @@ use std::{
 };
 
 use lb_tests::{
-    cluster::{Cluster, NODE_ADDRS, PodSpec, standard_pods, tally},
+    cluster::{Cluster, NODE_ADDRS, PodSpec, Topology, standard_pods, tally},
     netns::{agent_binary, wait_for},
 };
 use serde_json::Value;
@@ -21,6 +21,16 @@ fn examples() -> std::path::PathBuf {
 
 fn cluster() -> Cluster {
     Cluster::new(&examples(), &standard_pods()).expect("build the namespace cluster")
+}
+
+/// The north-south scenarios again on NIC-like links, with XDP forced.
+fn nic_like() -> Cluster {
+    let c =
+        Cluster::with_topology(&examples(), &standard_pods(), Topology::NicLike).expect("build the cluster");
+    for node in 0..2 {
+        assert!(c.agent_log(node).contains("hook=xdp"), "XDP on node {node}: {}", c.agent_log(node));
+    }
+    c
 }
 
 fn pod_of(addr: &str) -> &'static str {
@@ -64,7 +74,10 @@ fn s01_clusterip_from_a_pod_spreads_over_three_replicas() {
 #[test]
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn s02_nodeport_on_both_nodes_reaches_local_and_remote_backends() {
-    let c = cluster();
+    nodeport_on_both_nodes_reaches_local_and_remote_backends(&cluster());
+}
+
+fn nodeport_on_both_nodes_reaches_local_and_remote_backends(c: &Cluster) {
     for node in NODE_ADDRS {
         // curl checks the replies come from the address it dialed: a reply
         // from any other address would not match its connection.
@@ -78,11 +91,23 @@ fn s02_nodeport_on_both_nodes_reaches_local_and_remote_backends() {
 #[test]
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn s03_loadbalancer_ip_and_external_ip_from_outside() {
-    let c = cluster();
+    loadbalancer_ip_and_external_ip_from_outside(&cluster());
+}
+
+fn loadbalancer_ip_and_external_ip_from_outside(c: &Cluster) {
+    // Both VIPs are routed to node-1; web-c runs on node-2, so its answers
+    // prove the remote path (SNAT, and the reply translated back).
     let lb = Cluster::http(&c.client, "http://198.51.100.10/", 30).unwrap();
     assert_all_from(&lb, &["web-a", "web-c"], "LoadBalancer 198.51.100.10");
     let ext = Cluster::http(&c.client, "http://203.0.113.10/", 30).unwrap();
     assert_all_from(&ext, &["web-b", "web-c"], "externalIP 203.0.113.10");
+    for (what, answers) in [("LoadBalancer", &lb), ("externalIP", &ext)] {
+        assert!(
+            tally(answers).contains_key("web-c"),
+            "{what}: the remote backend answers: {:?}",
+            tally(answers)
+        );
+    }
 }
 
 #[test]
@@ -109,17 +134,26 @@ fn s05_selectorless_service_with_hand_written_endpoints() {
 #[test]
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn s06_udp_through_clusterip_and_nodeport() {
-    let c = cluster();
+    udp_through_clusterip_and_nodeport(&cluster());
+}
+
+fn udp_through_clusterip_and_nodeport(c: &Cluster) {
     let answers = Cluster::udp(&c.pod("client-pod").ns, "10.96.0.15:53", 20).unwrap();
     assert_eq!(answers.len(), 20);
     for a in &answers {
         assert!(a.starts_with("web-a:q") || a.starts_with("web-c:q"), "ClusterIP UDP answer {a:?}");
     }
     for node in NODE_ADDRS {
-        let answers = Cluster::udp(&c.client, &format!("{node}:30053"), 10).unwrap();
+        let answers = Cluster::udp(&c.client, &format!("{node}:30053"), 20).unwrap();
         for a in &answers {
             assert!(a.starts_with("web-a:q") || a.starts_with("web-c:q"), "NodePort UDP via {node}: {a:?}");
         }
+        let (local, remote) =
+            (answers.iter().any(|a| a.starts_with("web-a")), answers.iter().any(|a| a.starts_with("web-c")));
+        assert!(
+            local && remote,
+            "NodePort UDP via {node}: the local and the remote backend answer: {answers:?}"
+        );
     }
 }
 
@@ -195,20 +229,26 @@ fn s08_not_ready_endpoint_gets_no_new_connections_but_keeps_its_streams() {
 #[test]
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn s09_external_traffic_policy_local_keeps_the_client_address() {
-    let c = cluster();
+    external_traffic_policy_local_keeps_the_client_address(&cluster());
+}
+
+fn external_traffic_policy_local_keeps_the_client_address(c: &Cluster) {
     let answer = Cluster::http_once(&c.client, &format!("http://{}:30090/whoami", NODE_ADDRS[0]), 3);
     assert_eq!(answer.as_deref(), Ok("web-a 192.0.2.100"), "the backend sees the real client");
     // node-2 has no local endpoint: it drops (curl times out, nothing refuses).
     let answer = Cluster::http_once(&c.client, &format!("http://{}:30090/", NODE_ADDRS[1]), 2);
     assert_eq!(answer, Err(28), "node-2 drops");
-    let drops = inspect(&c, 1, "stats");
+    let drops = inspect(c, 1, "stats");
     assert!(drops["drops"]["no_local_endpoint"].as_u64().unwrap_or(0) > 0, "counted as a drop: {drops}");
 }
 
 #[test]
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn s10_session_affinity_keeps_each_client_on_one_backend() {
-    let c = cluster();
+    session_affinity_keeps_each_client_on_one_backend(&cluster());
+}
+
+fn session_affinity_keeps_each_client_on_one_backend(c: &Cluster) {
     let url = format!("http://{}:30091/", NODE_ADDRS[0]);
     for client in [&c.client, &c.client2] {
         let answers = Cluster::http(client, &url, 20).unwrap();
@@ -376,4 +416,83 @@ fn s16_pods_reach_local_policy_frontends_from_a_node_without_endpoints() {
     }
     let answer = Cluster::http_once(&c.client, &format!("http://{}:30090/", NODE_ADDRS[1]), 2);
     assert_eq!(answer, Err(28), "node-2 still drops outside clients");
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn x02_nodeport_on_both_nodes_reaches_local_and_remote_backends_nic_like() {
+    nodeport_on_both_nodes_reaches_local_and_remote_backends(&nic_like());
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn x03_loadbalancer_ip_and_external_ip_from_outside_nic_like() {
+    loadbalancer_ip_and_external_ip_from_outside(&nic_like());
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn x06_udp_through_clusterip_and_nodeport_nic_like() {
+    udp_through_clusterip_and_nodeport(&nic_like());
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn x09_external_traffic_policy_local_keeps_the_client_address_nic_like() {
+    external_traffic_policy_local_keeps_the_client_address(&nic_like());
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn x10_session_affinity_keeps_each_client_on_one_backend_nic_like() {
+    session_affinity_keeps_each_client_on_one_backend(&nic_like());
+}
+
+/// Restarting an agent with another `--acceleration` switches the hook on
+/// the running node (the new one attached before the old one goes, both
+/// sharing the conntrack table): a stream through a NodePort to a backend on
+/// the other node, opened under XDP, carries on under TC, every byte echoed.
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn x17_switching_the_hook_keeps_established_flows() {
+    let mut c = nic_like();
+    let echo = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: echo-np, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.30
+  ports: [{port: 7000, targetPort: 7000, nodePort: 30700}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: echo-np-1, namespace: default, labels: {kubernetes.io/service-name: echo-np}}
+addressType: IPv4
+ports: [{port: 7000}]
+endpoints: [{addresses: ["10.244.2.10"], nodeName: node-2}]
+"#;
+    c.write_manifest("30-echo-np.yaml", echo).unwrap();
+    let to = format!("{}:30700", NODE_ADDRS[0]);
+    let programmed = wait_for(Duration::from_secs(5), || {
+        inspect(&c, 0, "services").as_array()?.iter().any(|s| s["frontend"] == "*:30700/TCP").then_some(())
+    });
+    assert!(programmed.is_some(), "{}", c.agent_log(0));
+    let stream = Cluster::stream(&c.client, &to, 6).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    c.agents[0].take().expect("agent").stop().unwrap();
+    c.agents[0] = Some(c.start_agent_with(0, "tc").unwrap());
+    c.wait_synced().unwrap();
+    let log = c.agent_log(0);
+    assert!(log.contains("switched the north-south hook") && log.contains("hook=tc"), "{log}");
+    let hooks = inspect(&c, 0, "interfaces");
+    let eth0: Vec<&Value> = hooks.as_array().unwrap().iter().filter(|i| i["interface"] == "eth0").collect();
+    assert_eq!(eth0.len(), 1, "one hook on eth0: {hooks}");
+    assert_eq!(eth0[0]["hook"], "tc");
+    let out = stream.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "the stream broke: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    // New connections work under TC as well.
+    let answers = Cluster::http(&c.client, &format!("http://{}:30080/", NODE_ADDRS[0]), 20).unwrap();
+    assert_all_from(&answers, &["web-a", "web-c"], "after the switch");
 }
