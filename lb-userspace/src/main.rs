@@ -52,6 +52,10 @@ enum Command {
     },
     /// Detach the programs and remove every pin (maps and links).
     Reset,
+    /// Make sure the pin directory is on a bpffs, mounting one on
+    /// /sys/fs/bpf if nothing is (a DaemonSet's privileged init container
+    /// runs this, so the mount reaches the host).
+    MountBpffs,
     /// Print the version.
     Version,
 }
@@ -237,6 +241,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::MountBpffs => loader::ensure_bpffs(&cli.pin_dir),
         Command::Version => {
             println!("lb-agent {}", env!("CARGO_PKG_VERSION"));
             Ok(())
