@@ -9,15 +9,18 @@
 //!
 //! The node forwards the synthetic services (`bench::vip_of`, endpoints
 //! `bench::endpoints_of`, all on this node) with one of: the real `lb-agent`
-//! (XDP on eth0, TC on pod0), kube-proxy's iptables rules, or its nftables
-//! rules (`kube_proxy`). The node's eth0 runs `floor_pass` in the netfilter
-//! lanes: a veth needs an XDP program on the receiving side to take the
-//! generator's XDP_TX frames, and the agent's lane has `lb_xdp` there.
+//! on its TC path or its XDP path (the north-south program at TC or XDP on
+//! eth0, TC on pod0), kube-proxy's iptables rules, or its nftables rules
+//! (`kube_proxy`). The links keep the kernel's offloads. The node's eth0
+//! runs `floor_pass` except in the XDP lane (which has `lb_xdp` there): a
+//! veth needs an XDP program on the receiving side to take the generator's
+//! XDP_TX frames.
 //!
 //! Packets per second: `floor_gen` runs in live-frames mode on the client's
 //! eth0 and sends UDP frames to the services, each written whole from a
 //! template (the pages come back with whatever the node wrote); the pod
-//! counts and drops them with `floor_drop`. Connections per second: `wrk` in the client against
+//! counts and drops them with `floor_drop`, in generic (skb) mode so that it
+//! sees every way in: through the veth, or redirected into the pod. Connections per second: `wrk` in the client against
 //! `lb-netcheck http-close` in the pod.
 
 use std::{
@@ -53,19 +56,37 @@ const GEN_BATCH: u32 = 8192;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dataplane {
-    Agent,
+    /// `lb-agent --acceleration tc`: what a veth or a VM NIC gets.
+    AgentTc,
+    /// `lb-agent --acceleration xdp`.
+    AgentXdp,
     Iptables,
     Nftables,
 }
 
+/// The number of dataplanes, lanes and columns.
+pub const DATAPLANES: usize = 4;
+
 impl Dataplane {
-    pub const ALL: [Dataplane; 3] = [Dataplane::Agent, Dataplane::Iptables, Dataplane::Nftables];
+    pub const ALL: [Dataplane; DATAPLANES] =
+        [Dataplane::AgentTc, Dataplane::AgentXdp, Dataplane::Iptables, Dataplane::Nftables];
 
     pub fn name(self) -> &'static str {
         match self {
-            Dataplane::Agent => "lb-agent (XDP)",
+            Dataplane::AgentTc => "lb-agent (TC)",
+            Dataplane::AgentXdp => "lb-agent (XDP)",
             Dataplane::Iptables => "kube-proxy iptables",
             Dataplane::Nftables => "kube-proxy nftables",
+        }
+    }
+
+    /// A short column label.
+    pub fn short(self) -> &'static str {
+        match self {
+            Dataplane::AgentTc => "tc",
+            Dataplane::AgentXdp => "xdp",
+            Dataplane::Iptables => "ipt",
+            Dataplane::Nftables => "nft",
         }
     }
 }
@@ -115,8 +136,6 @@ pub struct PpsRun {
     pub sent: u64,
     pub delivered: u64,
     pub secs: f64,
-    /// Softirq CPU time on all CPUs over the run (`/proc/stat`).
-    pub softirq_secs: f64,
 }
 
 impl PpsRun {
@@ -124,9 +143,9 @@ impl PpsRun {
         self.delivered as f64 / self.secs
     }
 
-    /// Softirq CPU per delivered packet, in ns.
-    pub fn softirq_ns(&self) -> f64 {
-        self.softirq_secs * 1e9 / self.delivered.max(1) as f64
+    /// What the generator offered, per second.
+    pub fn offered(&self) -> f64 {
+        self.sent as f64 / self.secs
     }
 }
 
@@ -209,19 +228,22 @@ impl Lanes {
         };
         let started = Instant::now();
         match dataplane {
-            Dataplane::Agent => {
+            Dataplane::AgentTc | Dataplane::AgentXdp => {
+                if dataplane == Dataplane::AgentTc {
+                    attach(&mut self.floor, &lane.node, "floor_pass", XdpMode::Default)?;
+                }
                 let bpffs = Bpffs::new()?;
-                let agent = self.start_agent(&lane.node, &bpffs)?;
+                let agent = self.start_agent(&lane.node, &bpffs, dataplane)?;
                 lane.agent = Some(agent);
                 lane._bpffs = Some(bpffs);
             }
             Dataplane::Iptables => {
-                attach(&mut self.floor, &lane.node, "floor_pass")?;
+                attach(&mut self.floor, &lane.node, "floor_pass", XdpMode::Default)?;
                 let rules = kube_proxy::iptables_rules(self.services, ENDPOINTS_PER_SERVICE, self.proto);
                 feed(&lane.node, "iptables-restore", &[], &rules)?;
             }
             Dataplane::Nftables => {
-                attach(&mut self.floor, &lane.node, "floor_pass")?;
+                attach(&mut self.floor, &lane.node, "floor_pass", XdpMode::Default)?;
                 let rules = kube_proxy::nft_rules(self.services, ENDPOINTS_PER_SERVICE, self.proto);
                 feed(&lane.node, "nft", &["-f", "-"], &rules)?;
             }
@@ -231,11 +253,11 @@ impl Lanes {
     }
 
     /// Seconds each lane took to load its dataplane, in `Dataplane::ALL` order.
-    pub fn load_secs(&self) -> [f64; 3] {
+    pub fn load_secs(&self) -> [f64; DATAPLANES] {
         core::array::from_fn(|i| self.lanes[i].load.as_secs_f64())
     }
 
-    fn start_agent(&self, node: &Netns, bpffs: &Bpffs) -> Result<Agent> {
+    fn start_agent(&self, node: &Netns, bpffs: &Bpffs, dataplane: Dataplane) -> Result<Agent> {
         let n = self.services;
         let per = ENDPOINTS_PER_SERVICE;
         let size = |x: u32| (x + 1024).next_power_of_two().to_string();
@@ -264,6 +286,8 @@ impl Lanes {
             "127.0.0.1:0",
             "--health-address",
             "127.0.0.1:0",
+            "--acceleration",
+            if dataplane == Dataplane::AgentXdp { "xdp" } else { "tc" },
         ];
         let agent = Agent::start(node, &args)?;
         let want = format!("synced frontends={n} ");
@@ -282,19 +306,21 @@ impl Lanes {
     /// Packets per second through lane `i`: the generator sends to the
     /// services (`flows` = 0: every frame a new flow; else that many flows,
     /// opened before the clock starts) for at least `min` and the pod
-    /// counts what arrives.
-    pub fn pps(&mut self, i: usize, flows: u32, min: Duration) -> Result<PpsRun> {
+    /// counts what arrives. `direct`: to as many pod addresses instead, so
+    /// nothing is translated (the ceiling of forwarding alone).
+    pub fn pps(&mut self, i: usize, flows: u32, min: Duration, direct: bool) -> Result<PpsRun> {
         ensure!(self.proto == Proto::Udp, "the generator sends UDP");
         // The generator's template: flow 0 (service 0, the lowest source port).
-        let frame = crate::packet::udp((bench::CLIENT, GEN_PORT_BASE), (vip_of(0).octets(), 80), &[0u8; 18]);
-        let config = GenConfig { vip_base: vip_of(0).octets(), services: self.services, flows, _pad: 0 };
+        let base = if direct { endpoints_of(0, 1)[0] } else { vip_of(0) };
+        let frame = crate::packet::udp((bench::CLIENT, GEN_PORT_BASE), (base.octets(), 80), &[0u8; 18]);
+        let config = GenConfig { vip_base: base.octets(), services: self.services, flows, _pad: 0 };
         let mut cfg: Array<_, GenConfig> = Array::try_from(self.floor.map_mut("gen_config").context("cfg")?)?;
         cfg.set(0, &config, 0)?;
         let template = Template::new(&frame).context("template")?;
         let mut t: Array<_, Template> =
             Array::try_from(self.floor.map_mut("floor_template").context("tmpl")?)?;
         t.set(0, &template, 0)?;
-        let sink = attach(&mut self.floor, &self.lanes[i].pod, "floor_drop")?;
+        let sink = attach(&mut self.floor, &self.lanes[i].pod, "floor_drop", XdpMode::Skb)?;
 
         let gen_prog: &Xdp = self.floor.program("floor_gen").context("floor_gen")?.try_into()?;
         let lane = &self.lanes[i];
@@ -304,7 +330,7 @@ impl Lanes {
                 send(flows)?;
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let (before, soft0) = (self.delivered()?, softirq_secs()?);
+            let before = self.delivered()?;
             let started = Instant::now();
             let mut sent = 0u64;
             while started.elapsed() < min {
@@ -315,7 +341,7 @@ impl Lanes {
             // Whatever is still queued lands within a few milliseconds.
             std::thread::sleep(Duration::from_millis(20));
             let delivered = self.delivered()? - before;
-            Ok(PpsRun { sent, delivered, secs, softirq_secs: softirq_secs()? - soft0 })
+            Ok(PpsRun { sent, delivered, secs })
         })?;
         let p: &mut Xdp = self.floor.program_mut("floor_drop").context("floor_drop")?.try_into()?;
         p.detach(sink)?;
@@ -383,7 +409,9 @@ impl Lanes {
                 Dataplane::Nftables => {
                     ("nft", &["-f", "-"], kube_proxy::nft_change(svc, self.proto, from, to))
                 }
-                Dataplane::Agent => bail!("the agent's endpoint changes are timed by bench::control_plane"),
+                Dataplane::AgentTc | Dataplane::AgentXdp => {
+                    bail!("the agent's endpoint changes are timed by bench::control_plane")
+                }
             };
             let started = Instant::now();
             feed(&lane.node, program, args, &input)?;
@@ -397,9 +425,9 @@ impl Lanes {
 }
 
 /// Attaches the floor object's `program` to `eth0` in `ns`.
-fn attach(floor: &mut Ebpf, ns: &Netns, program: &str) -> Result<XdpLinkId> {
+fn attach(floor: &mut Ebpf, ns: &Netns, program: &str, mode: XdpMode) -> Result<XdpLinkId> {
     let p: &mut Xdp = floor.program_mut(program).context("floor program")?.try_into()?;
-    ns.enter(|| p.attach(c"eth0", XdpMode::Default))?.with_context(|| format!("attaching {program}"))
+    ns.enter(|| p.attach(c"eth0", mode))?.with_context(|| format!("attaching {program}"))
 }
 
 /// Runs `program args` in `ns` with `input` on stdin.

@@ -28,7 +28,8 @@ fn bench_quick_mode_writes_every_table() {
     // Data rows: service counts with figures.
     assert!(md.lines().any(|l| l.starts_with("| 1000 | ") && l.matches('|').count() >= 8), "{md}");
     // Every lane forwarded: a pps row and a connections row for each of the
-    // three dataplanes at 100 services, and the rule loads beside the agent.
+    // four dataplanes (agent on TC and on XDP, iptables, nftables) at 100
+    // services, and the rule loads beside the agent.
     assert!(md.lines().any(|l| l.starts_with("| 100 | new flow per frame | ")), "{md}");
     assert!(md.lines().any(|l| l.starts_with("| 100 | ") && l.matches('|').count() >= 12), "{md}");
     assert!(md.lines().any(|l| l.starts_with("| 100 | tcp | ") && l.ends_with(" s |")), "{md}");
