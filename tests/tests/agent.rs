@@ -79,8 +79,12 @@ fn agent_programs_updates_restarts_and_resets() {
     assert!(got.is_some(), "ClusterIP not programmed; agent log:\n{}", agent.log());
     let nodeport = backends_of(&pin, "*:30080/TCP").expect("NodePort frontend");
     assert_eq!(nodeport.len(), 2);
-    let link = node.ip(&["link", "show", "ext0"]).unwrap();
-    assert!(link.contains("xdp"), "XDP attached to ext0: {link}");
+    // ext0 is a veth: the north-south program runs at TC there.
+    let link = tc_link(&pin).expect("the TC link on ext0 is pinned");
+    // BPF_LINK_TYPE_TCX, which bpftool 7.1 prints as its number (11).
+    assert!(link.contains("\"tcx\"") || link.contains("\"type\":11"), "a TCX link: {link}");
+    assert!(agent.log().contains("hook=tc"), "{}", agent.log());
+    let link_id = serde_json::from_str::<Value>(&link).unwrap()["id"].as_u64().unwrap();
 
     // A manifest edit reaches the maps within a second.
     let written = std::time::Instant::now();
@@ -99,7 +103,7 @@ fn agent_programs_updates_restarts_and_resets() {
     // Stop: programs stay attached, maps stay pinned.
     let ids_before = inspect(&pin, "services").unwrap();
     agent.stop().unwrap();
-    assert!(node.ip(&["link", "show", "ext0"]).unwrap().contains("xdp"), "XDP detached on stop");
+    assert!(tc_link(&pin).is_some(), "detached on stop");
     assert!(backends_of(&pin, "10.96.0.10:80/TCP").is_some(), "maps gone after stop");
 
     // Restart: adopts the maps; nothing is rewritten.
@@ -112,9 +116,17 @@ fn agent_programs_updates_restarts_and_resets() {
 
     // Reset detaches and unpins.
     run(Command::new(agent_binary()).args(["reset", "--pin-dir"]).arg(&pin)).unwrap();
-    assert!(!node.ip(&["link", "show", "ext0"]).unwrap().contains("xdp"), "XDP still attached after reset");
+    let gone = Command::new("bpftool").args(["link", "show", "id", &link_id.to_string()]).output().unwrap();
+    assert!(!gone.status.success(), "the TC link outlived the reset");
     assert!(inspect(&pin, "services").is_none(), "maps still pinned after reset");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The pinned TC link of ext0, as bpftool describes it.
+fn tc_link(pin: &Path) -> Option<String> {
+    let link = pin.join("links/lb_tc_ext@ext0");
+    let out = Command::new("bpftool").args(["-j", "link", "show", "pinned"]).arg(&link).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn tempdir() -> std::path::PathBuf {
