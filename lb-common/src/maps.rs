@@ -275,6 +275,15 @@ pub struct CtEntry {
     pub _pad1: [u8; 6],
 }
 
+/// A new flow's reply entry while it is built and claimed (per CPU, in
+/// `lb_flow_buf`: the BPF stack is too small to hold it beside its callers).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowBuf {
+    pub reply_key: CtKey,
+    pub reply: CtEntry,
+}
+
 /// The rewrite a conntrack entry applies to its packets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Nat {
@@ -423,6 +432,36 @@ impl Drop {
             Self::NoBackend => "no_backend",
             Self::NoConfig => "no_config",
             Self::RejectFailed => "reject_failed",
+        }
+    }
+}
+
+/// Things the dataplane does that are not drops but tell of pressure
+/// (index into `lb_events`). Numbers are stable.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A TCP packet other than a SYN opened a flow: the flow's conntrack
+    /// entries had been evicted (a full table) or had expired.
+    CtRecreated = 0,
+    /// A NAT port (or a reply tuple) was taken back from a flow that had
+    /// ended (RST, FIN both ways) or gone idle past its timeout.
+    NatReclaimed = 1,
+    /// Two flows would have had the same reply tuple (one client port to two
+    /// frontends sharing a backend): the new one got another source port.
+    NatRemapped = 2,
+}
+
+impl Event {
+    pub const COUNT: u32 = 3;
+    pub const SLOTS: u32 = 32;
+    pub const ALL: [Event; Self::COUNT as usize] = [Self::CtRecreated, Self::NatReclaimed, Self::NatRemapped];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::CtRecreated => "conntrack_recreated",
+            Self::NatReclaimed => "nat_reclaimed",
+            Self::NatRemapped => "nat_remapped",
         }
     }
 }

@@ -112,8 +112,12 @@ maps! {
         "per-CPU counters per frontend id (packets, bytes, new flows)";
     DROPS: "lb_drops", PerCpuArray, Size::Fixed(crate::Drop::SLOTS), pinned: true, programmed: false,
         "per-CPU drop counters by reason";
+    EVENTS: "lb_events", PerCpuArray, Size::Fixed(crate::Event::SLOTS), pinned: true, programmed: false,
+        "per-CPU counters of pressure events (flows recreated, NAT ports reclaimed or remapped)";
     NEXT_HOPS: "lb_next_hops", PerCpuArray, Size::Fixed(crate::NEXT_HOP_SLOTS), pinned: false, programmed: false,
         "per-CPU cache of the FIB's next hop for XDP_TX (one second)";
+    FLOW_BUF: "lb_flow_buf", PerCpuArray, Size::Fixed(1), pinned: false, programmed: false,
+        "per-CPU scratch space for a new flow's reply entry";
     REJECT_SCRATCH: "lb_reject_buf", PerCpuArray, Size::Fixed(1), pinned: false, programmed: false,
         "per-CPU scratch space for building ICMP replies";
 }

@@ -7,7 +7,7 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::generated::bpf_ktime_get_coarse_ns,
 };
-use lb_common::{CtEntry, CtKey, ct_tcp, ct_timeout};
+use lb_common::{CtEntry, CtKey, Event, ct_flags, ct_tcp, ct_timeout};
 
 use crate::maps;
 
@@ -42,8 +42,39 @@ pub fn insert(key: &CtKey, entry: &CtEntry) -> Result<(), i32> {
     maps::conntrack_insert(key, entry, BPF_ANY)
 }
 
-/// Inserts only if `key` is free: used to claim a SNAT port atomically.
+/// Inserts `entry` under `key` if no live flow holds it: a free key, or one
+/// whose flow has ended or expired (taken back). How a reply tuple, and so
+/// a NAT port, is claimed; it never overwrites a live flow's entry.
 #[inline(always)]
-pub fn claim(key: &CtKey, entry: &CtEntry) -> bool {
-    maps::conntrack_insert(key, entry, BPF_NOEXIST).is_ok()
+pub fn claim(key: &CtKey, entry: &CtEntry, now: u64) -> bool {
+    if maps::conntrack_insert(key, entry, BPF_NOEXIST).is_ok() {
+        return true;
+    }
+    if !ended(key, now) {
+        return false;
+    }
+    maps::count_event(Event::NatReclaimed);
+    maps::conntrack_insert(key, entry, BPF_ANY).is_ok()
+}
+
+/// Whether the flow holding `key` is over: an entry of it expired, a RST
+/// was seen either way, a FIN each way, or its other entry is gone
+/// (evicted). A flow's two entries see the packets of their own direction.
+#[inline(always)]
+fn ended(key: &CtKey, now: u64) -> bool {
+    let Some(e) = maps::conntrack_peek(key) else { return true };
+    if e.expired(key.proto, now) || e.tcp & ct_tcp::RST != 0 {
+        return true;
+    }
+    // The other direction's entry: the tuple as its packets carry it,
+    // from this one's key and rewrite.
+    let mut other = key.reversed();
+    if e.flags & ct_flags::REWRITE_SRC != 0 {
+        (other.daddr, other.dport) = (e.nat_saddr, e.nat_sport);
+    }
+    if e.flags & ct_flags::REWRITE_DST != 0 {
+        (other.saddr, other.sport) = (e.nat_daddr, e.nat_dport);
+    }
+    let Some(o) = maps::conntrack_peek(&other) else { return true };
+    o.expired(key.proto, now) || o.tcp & ct_tcp::RST != 0 || (e.tcp & o.tcp & ct_tcp::FIN) != 0
 }

@@ -2,7 +2,9 @@
 //! first packet to a frontend gets a backend (`lb`), a forwarding decision
 //! and both conntrack entries. The hooks carry the verdict out.
 
-use lb_common::{Backend, CtEntry, CtKey, Drop, Frontend, Nat, backend_flags, config_flags, ct_flags};
+use lb_common::{
+    Backend, CtEntry, CtKey, Drop, Event, Frontend, L4, Nat, backend_flags, config_flags, ct_flags, ct_tcp,
+};
 
 use crate::{
     conntrack,
@@ -71,6 +73,10 @@ pub fn process(pkt: &Packet, origin: Origin, redirects: bool) -> Verdict {
 #[inline(never)]
 fn new_flow(pkt: &Packet, fe: &Frontend, origin: Origin, bypass: bool) -> Verdict {
     let now = conntrack::now();
+    if pkt.proto == L4::Tcp && pkt.tcp_flags & ct_tcp::SYN == 0 {
+        // Mid-stream: this flow's entries were evicted or have expired.
+        maps::count_event(Event::CtRecreated);
+    }
     let client = pkt.key.saddr;
     let (backend_id, backend) = match lb::choose(fe, client, now) {
         Choice::Backend(id, backend) => (id, backend),
@@ -111,7 +117,9 @@ fn open(
         tcp: pkt.tcp_flags,
         ..CtEntry::default()
     };
-    let mut reply = CtEntry {
+    let buf = maps::flow_buf().ok_or(Drop::ConntrackFull)?;
+    let (client, client_port) = (pkt.key.saddr, pkt.key.sport);
+    buf.reply = CtEntry {
         nat_saddr: pkt.key.daddr,
         nat_sport: pkt.key.dport,
         backend_id,
@@ -120,20 +128,32 @@ fn open(
         flags: ct_flags::REPLY | ct_flags::REWRITE_SRC | both,
         ..CtEntry::default()
     };
-    let mut reply_key = CtKey::new(backend.addr, pkt.key.saddr, backend.port, pkt.key.sport, pkt.key.proto);
-    match how {
-        Forwarding::Direct => conntrack::insert(&reply_key, &reply).map_err(|_| Drop::ConntrackFull)?,
-        Forwarding::Snat => {
-            let cfg = maps::config().ok_or(Drop::NoConfig)?;
-            // Replies arrive for the node's port and go back to the client.
-            reply.flags |= ct_flags::REWRITE_DST | ct_flags::SNAT;
-            reply.nat_daddr = pkt.key.saddr;
-            reply.nat_dport = pkt.key.sport;
-            let port = snat::claim_port(&mut reply_key, &reply, &cfg).ok_or(Drop::NatExhausted)?;
-            request.flags |= ct_flags::REWRITE_SRC | ct_flags::SNAT;
-            request.nat_saddr = cfg.snat_addr;
-            request.nat_sport = port;
+    buf.reply_key = CtKey::new(backend.addr, client, backend.port, client_port, pkt.key.proto);
+    // The source the backend sees, if it is not the client's own: the
+    // node's (SNAT), or on a clash the client's address with another port.
+    let source = match how {
+        Forwarding::Snat => Some(ct_flags::SNAT),
+        // Another live flow may have this reply tuple (the same client port
+        // to another frontend with this backend): then this one moves to a
+        // free source port of the client's address, as netfilter does.
+        Forwarding::Direct if !conntrack::claim(&buf.reply_key, &buf.reply, now) => {
+            maps::count_event(Event::NatRemapped);
+            Some(0)
         }
+        Forwarding::Direct => None,
+    };
+    if let Some(snat) = source {
+        let cfg = maps::config().ok_or(Drop::NoConfig)?;
+        let addr = if snat != 0 { cfg.snat_addr } else { client };
+        // Replies arrive for the new source and go back to the client.
+        buf.reply.flags |= ct_flags::REWRITE_DST | snat;
+        buf.reply.nat_daddr = client;
+        buf.reply.nat_dport = client_port;
+        let port =
+            snat::claim_port(&mut buf.reply_key, &buf.reply, addr, &cfg, now).ok_or(Drop::NatExhausted)?;
+        request.flags |= ct_flags::REWRITE_SRC | snat;
+        request.nat_saddr = addr;
+        request.nat_sport = port;
     }
     conntrack::insert(&pkt.key, &request).map_err(|_| Drop::ConntrackFull)?;
     Ok(request.nat())

@@ -10,8 +10,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, AffinityMatchKey, Backend, Config, CtEntry, CtKey, Drop, Frontend,
-    FrontendKey, NextHop, ServiceName, SlotKey, SourceRangeKey, SvcStats, registry as reg,
+    AffinityEntry, AffinityKey, AffinityMatchKey, Backend, Config, CtEntry, CtKey, Drop, Event, FlowBuf,
+    Frontend, FrontendKey, NextHop, ServiceName, SlotKey, SourceRangeKey, SvcStats, registry as reg,
 };
 
 const fn cap(m: reg::MapDef) -> usize {
@@ -57,6 +57,12 @@ pub static LB_SVC_STATS: PerCpuArray<SvcStats, { cap(reg::SVC_STATS) }> = PerCpu
 
 #[btf_map(name = "lb_drops")]
 pub static LB_DROPS: PerCpuArray<u64, { cap(reg::DROPS) }> = PerCpuArray::new();
+
+#[btf_map(name = "lb_events")]
+pub static LB_EVENTS: PerCpuArray<u64, { cap(reg::EVENTS) }> = PerCpuArray::new();
+
+#[btf_map(name = "lb_flow_buf")]
+static LB_FLOW_BUF: PerCpuArray<FlowBuf, { cap(reg::FLOW_BUF) }> = PerCpuArray::new();
 
 #[btf_map(name = "lb_next_hops")]
 pub static LB_NEXT_HOPS: PerCpuArray<NextHop, { cap(reg::NEXT_HOPS) }> = PerCpuArray::new();
@@ -117,6 +123,11 @@ pub fn affinity_member(frontend_id: u32, backend_id: u32) -> bool {
     LB_AFF_MATCH.get_ptr(&AffinityMatchKey { frontend_id, backend_id }).is_some()
 }
 
+/// The conntrack entry of `key`, read in place.
+pub fn conntrack_peek(key: &CtKey) -> Option<&'static CtEntry> {
+    LB_CONNTRACK.get_ptr(key).map(|p| unsafe { &*p })
+}
+
 /// The conntrack entry of `key`, to read and refresh in place.
 pub fn conntrack_entry(key: &CtKey) -> Option<&'static mut CtEntry> {
     // SAFETY: valid for this program run; a concurrent update on another
@@ -126,6 +137,12 @@ pub fn conntrack_entry(key: &CtKey) -> Option<&'static mut CtEntry> {
 
 pub fn conntrack_insert(key: &CtKey, entry: &CtEntry, flags: u32) -> Result<(), i32> {
     LB_CONNTRACK.insert(key, entry, flags as u64)
+}
+
+/// This CPU's scratch space for a new flow.
+pub fn flow_buf() -> Option<&'static mut FlowBuf> {
+    // SAFETY: a per-CPU slot, used by one program run at a time on this CPU.
+    LB_FLOW_BUF.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
 /// The per-CPU next-hop cache slot `slot`.
@@ -152,6 +169,14 @@ pub fn count_packet(frontend_id: u32, bytes: u32, new_flow: bool) {
 #[inline(always)]
 pub fn count_drop(reason: Drop) {
     if let Some(c) = LB_DROPS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_event(event: Event) {
+    if let Some(c) = LB_EVENTS.get_ptr_mut(event as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *c += 1 };
     }

@@ -120,6 +120,12 @@ pub fn parse(data: usize, data_end: usize, pkt_len: usize) -> Option<Packet> {
         L4::Udp => {
             let udp: *const UdpHdr = ptr_at(data, data_end, l4)?;
             let u = unsafe { &*udp };
+            // The datagram's own length must fit the IP payload (padding
+            // after it is allowed, as the stack trims it).
+            let len = u16::from_be_bytes(u.len) as usize;
+            if len < size_of::<UdpHdr>() || ihl + len > tot_len as usize {
+                return None;
+            }
             (u16::from_be_bytes(u.src), u16::from_be_bytes(u.dst), 0, size_of::<UdpHdr>())
         }
         L4::Sctp => return None,

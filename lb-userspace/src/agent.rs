@@ -62,6 +62,11 @@ pub struct Options {
     pub acceleration: attach::Acceleration,
     /// Hand translated packets to the host stack rather than redirect them.
     pub via_stack: bool,
+    pub manifest_limits: manifests::Limits,
+    /// The cluster's service-node-port-range.
+    pub node_port_range: (u16, u16),
+    /// externalIPs served (all when empty).
+    pub external_ip_cidrs: Vec<ipnet::IpNet>,
 }
 
 /// IPv4 addresses of `interfaces`.
@@ -97,8 +102,18 @@ pub fn node_facts(opts: &Options, facts: &NodeFacts) -> Result<(NodeInfo, NodeSe
         via_stack: opts.via_stack,
     };
     let zone = opts.zone.clone().or_else(|| facts.zone.clone());
-    Ok((NodeInfo { name: opts.node_name.clone(), zone, addresses }, settings))
+    let node = NodeInfo {
+        name: opts.node_name.clone(),
+        zone,
+        addresses,
+        node_port_range: opts.node_port_range,
+        external_ip_cidrs: opts.external_ip_cidrs.clone(),
+    };
+    Ok((node, settings))
 }
+
+/// How soon a source that asked for it is read again.
+const SOURCE_RETRY: Duration = Duration::from_millis(100);
 
 /// Waits between retries of a failed sync: doubling from 100 ms to 10 s.
 #[derive(Debug)]
@@ -139,8 +154,13 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut _watch = None;
     let source = match &opts.source {
         SourceKind::Manifests(path) => {
-            _watch = Some(manifests::Watch::start(path, changed_tx)?);
-            Source::Manifests(manifests::Folder::new(path))
+            let watch = manifests::Watch::start(path, changed_tx)?;
+            let settled_only = watch.settled_only.clone();
+            _watch = Some(watch);
+            Source::Manifests {
+                folder: manifests::Folder::with_limits(path, opts.manifest_limits),
+                settled_only,
+            }
         }
         SourceKind::Kubernetes { kubeconfig } => {
             let client = kube_client(kubeconfig.as_deref()).await?;
@@ -190,9 +210,12 @@ pub async fn run(opts: Options) -> Result<()> {
             _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
                 retry_at = None;
                 match tokio::task::block_in_place(|| agent.sync()) {
-                    Ok(()) => {
+                    Ok(again) => {
                         backoff.reset();
                         health_checks.update(&agent.dataplane.desired().health_checks).await;
+                        if again {
+                            retry_at = Some(tokio::time::Instant::now() + SOURCE_RETRY);
+                        }
                     }
                     Err(e) => {
                         agent.telemetry.sync_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -241,10 +264,11 @@ impl Agent {
         Ok(Self { opts, source, telemetry, ebpf, dataplane, pods: BTreeMap::new(), reported: Vec::new() })
     }
 
-    /// Reads the node and the source afresh and brings the maps in line.
-    fn sync(&mut self) -> Result<()> {
+    /// Reads the node and the source afresh and brings the maps in line;
+    /// whether the source asks to be read again soon.
+    fn sync(&mut self) -> Result<bool> {
         let started = Instant::now();
-        let Snapshot { state, errors, node } = self.source.snapshot();
+        let Snapshot { state, errors, node, retry } = self.source.snapshot();
         let (node, settings) = node_facts(&self.opts, &node)?;
         let synced = self.dataplane.sync(&state, &node, &settings);
         report(&mut self.reported, &errors, self.dataplane.desired());
@@ -258,7 +282,7 @@ impl Agent {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "synced"
         );
-        Ok(())
+        Ok(retry)
     }
 
     /// Attaches TC to pod interfaces not yet served, and tells the
@@ -315,20 +339,29 @@ fn report(reported: &mut Vec<String>, errors: &[manifests::ManifestError], desir
     lines.extend(desired.notes.iter().map(|n| format!("{}: {}", n.object, n.message)));
     if lines != *reported {
         for l in &lines {
-            warn!("{l}");
+            warn!("{}", printable(l));
         }
         *reported = lines;
     }
 }
 
-/// `--dry-run`: the desired state for the manifests, without touching the kernel.
-pub fn dry_run(path: &Path, node: &NodeInfo) -> String {
-    let loaded = manifests::load(path);
+/// `--dry-run`: the desired state for the manifests, without touching the
+/// kernel; an error if the manifests cannot be read at all.
+pub fn dry_run(path: &Path, node: &NodeInfo) -> Result<String> {
+    let loaded = manifests::load(path)?;
     let mut out = desired_state(&loaded.state, node).dump();
     for e in &loaded.errors {
-        out.push_str(&format!("error: {e}\n"));
+        out.push_str(&format!("error: {}\n", printable(&e.to_string())));
     }
-    out
+    Ok(out)
+}
+
+/// `s` with control characters escaped: names from manifests cannot forge
+/// log lines.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] })
+        .collect()
 }
 
 #[cfg(test)]

@@ -102,7 +102,8 @@ endpoints: [{addresses: ["10.244.1.5"]}, {addresses: ["10.244.2.6"]}]
 
     fn node() -> (NodeInfo, NodeSettings) {
         let addr: IpAddr = [192, 0, 2, 11].into();
-        let info = NodeInfo { name: "node-1".into(), zone: None, addresses: vec![addr] };
+        let info =
+            NodeInfo { name: "node-1".into(), zone: None, addresses: vec![addr], ..Default::default() };
         (
             info,
             NodeSettings {

@@ -53,6 +53,7 @@ pub struct ConntrackRow {
 #[derive(Serialize)]
 pub struct Stats {
     pub drops: BTreeMap<&'static str, u64>,
+    pub events: BTreeMap<&'static str, u64>,
     pub services: Vec<ServiceRow>,
 }
 
@@ -194,8 +195,15 @@ pub fn drops(maps: &Maps) -> Result<BTreeMap<&'static str, u64>> {
     Ok(out)
 }
 
+pub fn events(maps: &Maps) -> BTreeMap<&'static str, u64> {
+    lb_common::Event::ALL
+        .iter()
+        .map(|e| (e.as_str(), maps.events.get(&(*e as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)))
+        .collect()
+}
+
 pub fn stats(maps: &Maps) -> Result<Stats> {
-    Ok(Stats { drops: drops(maps)?, services: services(maps)? })
+    Ok(Stats { drops: drops(maps)?, events: events(maps), services: services(maps)? })
 }
 
 pub fn services_table(rows: &[ServiceRow]) -> Table {
@@ -277,9 +285,12 @@ pub fn stats_table(s: &Stats) -> (Table, Table) {
             r.new_flows.to_string(),
         ]);
     }
-    let mut d = table(&["DROP REASON", "PACKETS"]);
+    let mut d = table(&["DROP REASON / EVENT", "COUNT"]);
     for (reason, n) in &s.drops {
         d.add_row(vec![reason.to_string(), n.to_string()]);
+    }
+    for (event, n) in &s.events {
+        d.add_row(vec![event.to_string(), n.to_string()]);
     }
     (t, d)
 }

@@ -37,6 +37,15 @@ impl Default for Capacities {
 }
 
 impl Capacities {
+    /// The defaults for this node: the conntrack table grows with the CPUs
+    /// as kube-proxy sizes netfilter's (32,768 flows per CPU, at least
+    /// 131,072; two entries per flow here).
+    pub fn for_node(cpus: u32) -> Self {
+        let mut caps = Self::default();
+        caps.set("conntrack-size", conntrack_entries(cpus));
+        caps
+    }
+
     /// Every size flag of the registry once: (flag, default, maps it sizes).
     pub fn flags() -> impl Iterator<Item = (&'static str, u32, Vec<&'static str>)> {
         let mut flags: BTreeMap<&'static str, (u32, Vec<&'static str>)> = BTreeMap::new();
@@ -62,6 +71,12 @@ impl Capacities {
             Size::Flag { flag, default } => self.0.get(flag).copied().unwrap_or(default),
         }
     }
+}
+
+/// Conntrack entries for a node of `cpus` CPUs (see `Capacities::for_node`).
+pub const fn conntrack_entries(cpus: u32) -> u32 {
+    let flows = 32_768 * cpus;
+    2 * if flows > 131_072 { flows } else { 131_072 }
 }
 
 /// Where systemd mounts bpffs, and where the agent mounts it when nothing is.

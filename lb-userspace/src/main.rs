@@ -95,6 +95,15 @@ struct RunArgs {
     /// SNAT source port range, MIN-MAX.
     #[arg(long, default_value = "61000-65535", value_parser = parse_range)]
     nat_ports: (u16, u16),
+    /// The cluster's NodePort range (the API server's
+    /// --service-node-port-range): nodePorts outside it are refused.
+    #[arg(long, env = "LB_NODE_PORT_RANGE", default_value = "30000-32767", value_parser = parse_range)]
+    node_port_range: (u16, u16),
+    /// CIDRs externalIPs must fall in (all are served when unset). Anyone
+    /// who may create Services can otherwise claim any address for them,
+    /// a node's included (CVE-2020-8554).
+    #[arg(long, env = "LB_EXTERNAL_IP_CIDRS", value_delimiter = ',')]
+    external_ip_cidrs: Vec<ipnet::IpNet>,
     #[command(flatten)]
     map_sizes: MapSizes,
     /// Prometheus metrics (and health) on this address.
@@ -115,6 +124,9 @@ struct RunArgs {
     /// stack); `xdp` or `tc` force one.
     #[arg(long, env = "LB_ACCELERATION", value_enum, default_value = "auto")]
     acceleration: AccelerationArg,
+    /// Manifest files larger than this are reported and not read.
+    #[arg(long, env = "LB_MAX_MANIFEST_BYTES", default_value_t = 16 << 20)]
+    max_manifest_bytes: u64,
     /// How translated packets continue: `redirect` sends them on from TC
     /// around the host stack (faster; a netfilter firewall or NetworkPolicy
     /// in the host then sees neither direction of those flows); `stack`
@@ -154,9 +166,17 @@ enum What {
 /// (`--max-frontends`, `--conntrack-size`...).
 struct MapSizes(Capacities);
 
+/// The node's online CPUs (not a container's CPU quota), for the
+/// conntrack default.
+fn cpus() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    u32::try_from(n).unwrap_or(1).max(1)
+}
+
 impl FromArgMatches for MapSizes {
     fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
-        let mut caps = Capacities::default();
+        let mut caps = Capacities::for_node(cpus());
         for (flag, _, _) in Capacities::flags() {
             if let Some(n) = m.get_one::<u32>(flag) {
                 caps.set(flag, *n);
@@ -174,6 +194,11 @@ impl FromArgMatches for MapSizes {
 impl Args for MapSizes {
     fn augment_args(cmd: clap::Command) -> clap::Command {
         Capacities::flags().fold(cmd, |cmd, (flag, default, maps)| {
+            let default = if flag == "conntrack-size" {
+                format!("2 × max(32768 × CPUs, 131072) = {}", loader::conntrack_entries(cpus()))
+            } else {
+                default.to_string()
+            };
             cmd.arg(
                 Arg::new(flag)
                     .long(flag)
@@ -256,9 +281,15 @@ fn run(args: RunArgs, pin_dir: PathBuf) -> Result<()> {
         } else {
             args.node_addresses.clone()
         };
-        let node = NodeInfo { name: args.node_name, zone: args.zone, addresses };
+        let node = NodeInfo {
+            name: args.node_name,
+            zone: args.zone,
+            addresses,
+            node_port_range: args.node_port_range,
+            external_ip_cidrs: args.external_ip_cidrs,
+        };
         let manifests = args.manifests.context("--dry-run reads --manifests")?;
-        print!("{}", agent::dry_run(&manifests, &node));
+        print!("{}", agent::dry_run(&manifests, &node)?);
         return Ok(());
     }
     let pod_interfaces = args
@@ -289,6 +320,9 @@ fn run(args: RunArgs, pin_dir: PathBuf) -> Result<()> {
             AccelerationArg::Tc => attach::Acceleration::Tc,
         },
         via_stack: args.forwarding == Forwarding::Stack,
+        manifest_limits: lb_userspace::sources::manifests::Limits { max_file_bytes: args.max_manifest_bytes },
+        node_port_range: args.node_port_range,
+        external_ip_cidrs: args.external_ip_cidrs,
     };
     // Two workers: a sync holds one (`block_in_place`), the HTTP servers and
     // the watchers keep the other.

@@ -35,6 +35,7 @@ pub struct Maps {
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     pub svc_stats: PerCpuArray<MapData, SvcStats>,
     pub drops: PerCpuArray<MapData, u64>,
+    pub events: PerCpuArray<MapData, u64>,
     /// Each map's capacity as the kernel created it.
     capacities: BTreeMap<&'static str, u32>,
 }
@@ -95,6 +96,7 @@ impl Maps {
             affinity: typed!(reg::AFFINITY),
             svc_stats: typed!(reg::SVC_STATS),
             drops: typed!(reg::DROPS),
+            events: typed!(reg::EVENTS),
             capacities,
         })
     }

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::Context as _;
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
-use lb_common::{Drop, FrontendKind, registry};
+use lb_common::{Drop, Event, FrontendKind, registry};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -122,6 +122,16 @@ impl Telemetry {
             drops.get_or_create(&vec![("reason".into(), reason.as_str().into())]).inc_by(n);
         }
         reg.register("drops", "Packets dropped or rejected by the dataplane, by reason", drops);
+        let events = Family::<Labels, Counter>::default();
+        for event in Event::ALL {
+            let n: u64 = maps.events.get(&(event as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
+            events.get_or_create(&vec![("event".into(), event.as_str().into())]).inc_by(n);
+        }
+        reg.register(
+            "events",
+            "Pressure events: flows recreated mid-stream (evicted or expired entries), NAT ports reclaimed or remapped",
+            events,
+        );
 
         // One walk of the LRU gives both its occupancy and the live entries.
         let now = crate::inspect::monotonic_ns();

@@ -12,7 +12,12 @@ fn main() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join("cp-profile");
     let _ = std::fs::remove_dir_all(&dir);
     write_manifests(&dir, 10_000, 10, Proto::Tcp, None)?;
-    let node = NodeInfo { name: "bench".into(), zone: None, addresses: vec![[192, 0, 2, 11].into()] };
+    let node = NodeInfo {
+        name: "bench".into(),
+        zone: None,
+        addresses: vec![[192, 0, 2, 11].into()],
+        ..Default::default()
+    };
     let addr = std::net::IpAddr::from([192, 0, 2, 11]);
     let settings = NodeSettings {
         addresses: BTreeSet::from([addr]),

@@ -89,23 +89,43 @@ pub const NODE_ADDR: [u8; 4] = [192, 0, 2, 11];
 
 static RUN: AtomicU32 = AtomicU32::new(0);
 
+/// Map sizes and NAT ports, for tests of pressure.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub capacities: Capacities,
+    pub nat_ports: (u16, u16),
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            capacities: Capacities::default(),
+            nat_ports: (lb_common::DEFAULT_NAT_PORT_MIN, lb_common::DEFAULT_NAT_PORT_MAX),
+        }
+    }
+}
+
 impl Bed {
     /// Loads the programs with maps pinned in a fresh per-test bpffs mount.
     pub fn new() -> Result<Self> {
+        Self::with(Options::default())
+    }
+
+    pub fn with(options: Options) -> Result<Self> {
         crate::require_root();
         let pin_dir = std::env::temp_dir().join(format!(
             "lb-test-{}-{}",
             std::process::id(),
             RUN.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut ebpf = loader::load(&pin_dir, &Capacities::default())?;
+        let mut ebpf = loader::load(&pin_dir, &options.capacities)?;
         lb_userspace::attach::load_programs(&mut ebpf)?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
         let node = IpAddr::from(NODE_ADDR);
         let settings = NodeSettings {
             addresses: [node].into(),
             snat_addr: node,
-            nat_ports: (lb_common::DEFAULT_NAT_PORT_MIN, lb_common::DEFAULT_NAT_PORT_MAX),
+            nat_ports: options.nat_ports,
             via_stack: false,
         };
         let mut bed = Self {

@@ -24,6 +24,7 @@ pub fn tcp(src: Addr, dst: Addr, flags: &str, payload: &[u8]) -> Vec<u8> {
             'F' => b.fin(),
             'R' => b.rst(),
             'P' => b.psh(),
+            'U' => b.urg(0),
             other => panic!("unknown TCP flag {other}"),
         };
     }

@@ -18,7 +18,12 @@ use lb_userspace::{
 };
 
 fn node() -> NodeInfo {
-    NodeInfo { name: "node-1".into(), zone: Some("zone-a".into()), addresses: vec![[192, 0, 2, 11].into()] }
+    NodeInfo {
+        name: "node-1".into(),
+        zone: Some("zone-a".into()),
+        addresses: vec![[192, 0, 2, 11].into()],
+        ..Default::default()
+    }
 }
 
 fn settings() -> NodeSettings {
@@ -39,7 +44,7 @@ fn errors(loaded: &[manifests::ManifestError]) -> String {
 }
 
 fn render(case: &Path) -> String {
-    let loaded = manifests::load(&case.join("manifests"));
+    let loaded = manifests::load(&case.join("manifests")).expect("the case's manifests folder");
     let desired = desired_state(&loaded.state, &node());
     let mut out = desired.dump();
     out.push_str(&errors(&loaded.errors));
@@ -87,7 +92,7 @@ fn the_incremental_model_agrees_with_a_fresh_derivation() {
     let mut cases = case_dirs(&root);
     cases.sort();
     let states: Vec<ClusterState> =
-        cases.iter().map(|c| manifests::load(&c.join("manifests")).state).collect();
+        cases.iter().map(|c| manifests::load(&c.join("manifests")).unwrap().state).collect();
     let mut model = Model::default();
     let mut other_node = node();
     other_node.name = "node-2".into();
@@ -111,7 +116,7 @@ fn the_incremental_model_agrees_with_a_fresh_derivation() {
 #[test]
 fn a_contested_frontend_changes_hands_incrementally() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/22-conflicting-external-ip/manifests");
-    let both = manifests::load(&root).state;
+    let both = manifests::load(&root).unwrap().state;
     let mut second_only = both.clone();
     second_only.services.remove("default/first");
     let external = lb_userspace::frontend::Frontend::new([203, 0, 113, 31], 80, lb_common::L4::Tcp);
@@ -199,8 +204,9 @@ fn run_script(path: &Path, update: bool) -> Vec<String> {
         let at = format!("{}:{line}: {command}", path.file_name().unwrap().to_string_lossy());
         let words: Vec<&str> = command.split_whitespace().collect();
         match words.as_slice() {
-            ["write", file] => {
-                let i = section(&script, file);
+            // `write FILE [SECTION]`: the section of that name (or FILE's).
+            ["write", file] | ["write", file, _] => {
+                let i = section(&script, words.get(2).unwrap_or(file));
                 std::fs::write(dir.join(file), &script.sections[i].1).unwrap();
             }
             ["delete", file] => std::fs::remove_file(dir.join(file)).unwrap(),

@@ -143,15 +143,19 @@ fn nodeport_to_remote_backend_is_source_natted_and_reply_restored() {
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn loadbalancer_and_external_ips_are_translated_both_ways() {
     let mut bed = bed();
-    for (vip, kind) in [(LB_IP, FrontendKind::LoadBalancer), (EXTERNAL_IP, FrontendKind::ExternalIp)] {
+    // (Each from its own client port: one port to both, sharing the
+    // backend, would be a reply-tuple clash, see `pressure.rs`.)
+    for (vip, kind, port) in
+        [(LB_IP, FrontendKind::LoadBalancer, 50100), (EXTERNAL_IP, FrontendKind::ExternalIp, 50101)]
+    {
         bed.service(frontend(vip, 80, L4::Tcp), kind, &[Be::local(LOCAL_POD, 8080)]).unwrap();
-        let out = bed.xdp(&tcp((EXT_CLIENT, 50100), (vip, 80), "S", b"")).unwrap();
+        let out = bed.xdp(&tcp((EXT_CLIENT, port), (vip, 80), "S", b"")).unwrap();
         assert_eq!(out.action, XDP_PASS);
         let seen = parse_checked(&out.frame);
-        assert_eq!((seen.src, seen.dst), ((EXT_CLIENT, 50100), (LOCAL_POD, 8080)), "{kind:?}");
-        let out = bed.tc(&tcp((LOCAL_POD, 8080), (EXT_CLIENT, 50100), "SA", b"")).unwrap();
+        assert_eq!((seen.src, seen.dst), ((EXT_CLIENT, port), (LOCAL_POD, 8080)), "{kind:?}");
+        let out = bed.tc(&tcp((LOCAL_POD, 8080), (EXT_CLIENT, port), "SA", b"")).unwrap();
         let seen = parse_checked(&out.frame);
-        assert_eq!((seen.src, seen.dst), ((vip, 80), (EXT_CLIENT, 50100)), "{kind:?} reply");
+        assert_eq!((seen.src, seen.dst), ((vip, 80), (EXT_CLIENT, port)), "{kind:?} reply");
     }
 }
 
@@ -484,10 +488,10 @@ fn translated_packets_reuse_the_cached_next_hop() {
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn in_cluster_clients_of_a_local_policy_frontend_use_its_internal_twin() {
     let mut bed = bed();
-    for (key, kind) in [
-        (frontend([0; 4], 30090, L4::Tcp), FrontendKind::NodePort),
-        (frontend(LB_IP, 80, L4::Tcp), FrontendKind::LoadBalancer),
-        (frontend(EXTERNAL_IP, 80, L4::Tcp), FrontendKind::ExternalIp),
+    for (key, kind, sport) in [
+        (frontend([0; 4], 30090, L4::Tcp), FrontendKind::NodePort, 40000),
+        (frontend(LB_IP, 80, L4::Tcp), FrontendKind::LoadBalancer, 40001),
+        (frontend(EXTERNAL_IP, 80, L4::Tcp), FrontendKind::ExternalIp, 40002),
     ] {
         let mut external = desired(kind, &[]);
         external.local_only = true;
@@ -502,15 +506,15 @@ fn in_cluster_clients_of_a_local_policy_frontend_use_its_internal_twin() {
 
         let out = bed.xdp(&tcp((EXT_CLIENT, 50000), (dst, key.port), "S", b"")).unwrap();
         assert_eq!(out.action, XDP_DROP, "{kind:?}: an outside client gets no local endpoint");
-        let out = bed.tc(&tcp((POD_CLIENT, 40000), (dst, key.port), "S", b"")).unwrap();
+        let out = bed.tc(&tcp((POD_CLIENT, sport), (dst, key.port), "S", b"")).unwrap();
         assert_eq!(out.action, TC_ACT_OK, "{kind:?}");
         let seen = parse_checked(&out.frame);
         assert_eq!(
             (seen.src, seen.dst),
-            ((POD_CLIENT, 40000), (REMOTE_POD, 8080)),
+            ((POD_CLIENT, sport), (REMOTE_POD, 8080)),
             "{kind:?}: a pod gets the cluster's"
         );
-        let reply = bed.xdp(&tcp((REMOTE_POD, 8080), (POD_CLIENT, 40000), "SA", b"")).unwrap();
+        let reply = bed.xdp(&tcp((REMOTE_POD, 8080), (POD_CLIENT, sport), "SA", b"")).unwrap();
         assert_eq!(
             parse_checked(&reply.frame).src,
             (dst, key.port),

@@ -44,12 +44,31 @@ pub fn object_ref(meta: &ObjectMeta) -> ObjectRef {
     format!("{}/{}", meta.namespace.as_deref().unwrap_or("default"), meta.name.as_deref().unwrap_or(""))
 }
 
-/// The node the agent programs.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// The node the agent programs, and the cluster's settings it is told.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeInfo {
     pub name: String,
     pub zone: Option<String>,
     pub addresses: Vec<IpAddr>,
+    /// The API server's service-node-port-range.
+    pub node_port_range: (u16, u16),
+    /// externalIPs allowed (all when empty): the CVE-2020-8554 guard.
+    pub external_ip_cidrs: Vec<ipnet::IpNet>,
+}
+
+/// Kubernetes' default service-node-port-range.
+pub const DEFAULT_NODE_PORT_RANGE: (u16, u16) = (30000, 32767);
+
+impl Default for NodeInfo {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            zone: None,
+            addresses: Vec::new(),
+            node_port_range: DEFAULT_NODE_PORT_RANGE,
+            external_ip_cidrs: Vec::new(),
+        }
+    }
 }
 
 /// Everything the sources currently know, keyed by `namespace/name`. Shared
@@ -342,6 +361,23 @@ fn slice_owner(slice: &EndpointSlice) -> Result<ObjectRef, Option<String>> {
         "IPv6" => return Err(Some("IPv6 endpoints wait for the IPv6 dataplane: not programmed".into())),
         other => return Err(Some(format!("addressType {other}: ignored"))),
     }
+    // What the API server refuses it would not have stored.
+    for ep in &slice.endpoints {
+        for a in &ep.addresses {
+            if !a.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| !ip.is_unspecified() && !ip.is_loopback()) {
+                return Err(Some(format!(
+                    "endpoint address {a:?} is not a valid IPv4 endpoint: not programmed"
+                )));
+            }
+        }
+    }
+    for p in slice.ports.iter().flatten() {
+        if let Some(port) = p.port
+            && !(1..=65535).contains(&port)
+        {
+            return Err(Some(format!("port {port} is not within 1-65535: not programmed")));
+        }
+    }
     let ns = meta.namespace.as_deref().unwrap_or("default");
     Ok(format!("{ns}/{service}"))
 }
@@ -363,7 +399,7 @@ impl Derived {
 fn derive(name: &str, svc: &Service, slices: &[Arc<EndpointSlice>], node: &NodeInfo) -> Derived {
     let mut d = Derived::default();
     let mut notes = Vec::new();
-    let spec = spec::parse(svc, &mut |message| notes.push(message));
+    let spec = spec::parse(svc, node, &mut |message| notes.push(message));
     d.notes.extend(notes.into_iter().map(|message| Note { object: name.to_string(), message }));
     let Some(spec) = spec else { return d };
     let mut local_ready = BTreeSet::new();

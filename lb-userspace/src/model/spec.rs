@@ -7,7 +7,7 @@ use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use lb_common::L4;
 
-use super::{LABEL_PROXY_NAME, label};
+use super::{LABEL_PROXY_NAME, NodeInfo, label};
 
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
@@ -49,9 +49,48 @@ pub fn protocol(p: Option<&str>) -> Result<L4, String> {
     }
 }
 
+/// `text` as an address the dataplane serves (IPv4), with a note if not.
+fn ip(what: &str, text: &str, note: &mut dyn FnMut(String)) -> Option<IpAddr> {
+    match text.parse::<IpAddr>() {
+        Ok(ip @ IpAddr::V4(_)) => Some(ip),
+        Ok(IpAddr::V6(_)) => {
+            note(format!("{what} {text}: IPv6 waits for the IPv6 dataplane, not programmed"));
+            None
+        }
+        Err(_) => {
+            note(format!("{what} {text:?} is not an IP address: ignored"));
+            None
+        }
+    }
+}
+
+/// Whether `ip` can be a service address: the API server refuses the
+/// unspecified, loopback, link-local, multicast and broadcast addresses,
+/// and one of the node's own would take over the node's traffic.
+fn service_address(ip: IpAddr, node: &NodeInfo) -> Result<(), &'static str> {
+    let special = match ip {
+        IpAddr::V4(v4) => {
+            v4.is_unspecified()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+        }
+        IpAddr::V6(v6) => v6.is_unspecified() || v6.is_loopback() || v6.is_multicast(),
+    };
+    if special {
+        return Err("not a valid service address");
+    }
+    if node.addresses.contains(&ip) {
+        return Err("one of this node's addresses");
+    }
+    Ok(())
+}
+
 /// Parses `svc`; `None` for Services the proxy leaves alone (another
-/// proxy's, ExternalName, headless), with a note where that is unexpected.
-pub fn parse(svc: &Service, note: &mut dyn FnMut(String)) -> Option<ServiceSpec> {
+/// proxy's, ExternalName, headless) or that the API server would refuse
+/// (with a note saying why).
+pub fn parse(svc: &Service, node: &NodeInfo, note: &mut dyn FnMut(String)) -> Option<ServiceSpec> {
     if let Some(proxy) = label(&svc.metadata, LABEL_PROXY_NAME) {
         note(format!("handled by service proxy {proxy:?}: skipped"));
         return None;
@@ -61,8 +100,13 @@ pub fn parse(svc: &Service, note: &mut dyn FnMut(String)) -> Option<ServiceSpec>
         return None;
     };
     let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
-    if svc_type == "ExternalName" {
-        return None;
+    match svc_type {
+        "ExternalName" => return None,
+        "ClusterIP" | "NodePort" | "LoadBalancer" => {}
+        other => {
+            note(format!("unknown type {other:?}: not programmed"));
+            return None;
+        }
     }
     let mut cluster_ips: Vec<&str> = spec.cluster_ips.iter().flatten().map(String::as_str).collect();
     if cluster_ips.is_empty() {
@@ -71,37 +115,47 @@ pub fn parse(svc: &Service, note: &mut dyn FnMut(String)) -> Option<ServiceSpec>
     if cluster_ips.contains(&"None") {
         return None; // headless: DNS only
     }
-    let mut ip = |what: &str, text: &str| -> Option<IpAddr> {
-        match text.parse::<IpAddr>() {
-            Ok(ip @ IpAddr::V4(_)) => Some(ip),
-            Ok(IpAddr::V6(_)) => {
-                note(format!("{what} {text}: IPv6 waits for the IPv6 dataplane, not programmed"));
-                None
-            }
-            Err(_) => {
-                note(format!("{what} {text:?} is not an IP address: ignored"));
-                None
-            }
-        }
-    };
-    let cluster_ips = cluster_ips.iter().filter_map(|t| ip("clusterIP", t)).collect();
-    let external_ips = spec.external_ips.iter().flatten().filter_map(|t| ip("externalIP", t)).collect();
-    let mut lb_ips = Vec::new();
-    if svc_type == "LoadBalancer" {
+    let cluster_ips: Vec<IpAddr> = cluster_ips.iter().filter_map(|t| ip("clusterIP", t, note)).collect();
+    let external_ips: Vec<IpAddr> =
+        spec.external_ips.iter().flatten().filter_map(|t| ip("externalIP", t, note)).collect();
+    let lb_ips: Vec<IpAddr> = if svc_type == "LoadBalancer" {
         let ingress = svc
             .status
             .iter()
             .filter_map(|s| s.load_balancer.as_ref())
             .flat_map(|lb| lb.ingress.iter().flatten());
-        for ing in ingress {
-            // ipMode Proxy: the cloud load balancer proxies; traffic never
-            // arrives addressed to the VIP.
-            if ing.ip_mode.as_deref() == Some("Proxy") {
-                continue;
-            }
-            lb_ips.extend(ing.ip.as_deref().and_then(|t| ip("load balancer ingress", t)));
+        // ipMode Proxy: the cloud load balancer proxies; traffic never
+        // arrives addressed to the VIP.
+        ingress
+            .filter(|ing| ing.ip_mode.as_deref() != Some("Proxy"))
+            .filter_map(|ing| ing.ip.as_deref().and_then(|t| ip("load balancer ingress", t, note)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    // What the API server refuses, it would not have stored: no part of
+    // such a Service is programmed.
+    for (what, addr) in
+        cluster_ips.iter().map(|a| ("clusterIP", a)).chain(external_ips.iter().map(|a| ("externalIP", a)))
+    {
+        if let Err(why) = service_address(*addr, node) {
+            note(format!("{what} {addr} is {why}: not programmed"));
+            return None;
         }
     }
+    // CVE-2020-8554: where an allow-list is set, externalIPs outside it
+    // are not served.
+    let external_ips = external_ips
+        .into_iter()
+        .filter(|addr| {
+            let allowed =
+                node.external_ip_cidrs.is_empty() || node.external_ip_cidrs.iter().any(|n| n.contains(addr));
+            if !allowed {
+                note(format!("externalIP {addr} is outside --external-ip-cidrs: not programmed"));
+            }
+            allowed
+        })
+        .collect();
     let mut source_ranges = Vec::new();
     for r in spec.load_balancer_source_ranges.iter().flatten() {
         match r.trim().parse::<Ipv4Net>() {
@@ -110,21 +164,42 @@ pub fn parse(svc: &Service, note: &mut dyn FnMut(String)) -> Option<ServiceSpec>
             Err(_) => note(format!("loadBalancerSourceRanges entry {r:?} is not a CIDR: ignored")),
         }
     }
-    let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-        spec.session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
-            .and_then(|t| u32::try_from(t).ok())
-            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
-    });
+    let timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    let affinity_timeout = match (spec.session_affinity.as_deref(), timeout) {
+        (Some("ClientIP"), None) => Some(DEFAULT_AFFINITY_TIMEOUT),
+        (Some("ClientIP"), Some(t @ 1..=86_400)) => Some(t as u32),
+        (Some("ClientIP"), Some(t)) => {
+            note(format!("sessionAffinityConfig timeoutSeconds {t} is not within 1-86400: not programmed"));
+            return None;
+        }
+        (None | Some("None"), _) => None,
+        (Some(other), _) => {
+            note(format!("unknown sessionAffinity {other:?}: not programmed"));
+            return None;
+        }
+    };
     let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
     // kube-proxy serves it for LoadBalancer services with policy Local: the
     // cloud load balancer sends traffic only to nodes answering 200.
     let health_check_port = (svc_type == "LoadBalancer" && external_local)
         .then(|| spec.health_check_node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0))
         .flatten();
-    let ports = spec.ports.iter().flatten().filter_map(|p| port(p, note)).collect();
+    let node_ports = matches!(svc_type, "NodePort" | "LoadBalancer");
+    let mut ports = Vec::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        match port(p, i, node_ports, node, note) {
+            Ok(Some(port)) => ports.push(port),
+            Ok(None) => {}
+            Err(why) => {
+                note(format!("{why}: not programmed"));
+                return None;
+            }
+        }
+    }
     Some(ServiceSpec {
         cluster_ips,
         external_ips,
@@ -133,25 +208,43 @@ pub fn parse(svc: &Service, note: &mut dyn FnMut(String)) -> Option<ServiceSpec>
         affinity_timeout,
         internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
         external_local,
-        node_ports: matches!(svc_type, "NodePort" | "LoadBalancer"),
+        node_ports,
         health_check_port,
         ports,
     })
 }
 
-fn port(p: &ServicePort, note: &mut dyn FnMut(String)) -> Option<PortSpec> {
+/// Port `i`: `Err` for what the API server refuses (the whole Service),
+/// `Ok(None)` with a note for a protocol the dataplane does not translate.
+fn port(
+    p: &ServicePort,
+    i: usize,
+    node_ports: bool,
+    node: &NodeInfo,
+    note: &mut dyn FnMut(String),
+) -> Result<Option<PortSpec>, String> {
     let name = p.name.clone().unwrap_or_default();
+    let port = u16::try_from(p.port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or(format!("port {} is not within 1-65535", p.port))?;
+    let node_port = match p.node_port {
+        None | Some(0) => None,
+        Some(np) => {
+            let (lo, hi) = node.node_port_range;
+            let np = u16::try_from(np).ok().filter(|np| (lo..=hi).contains(np));
+            Some(np.ok_or(format!(
+                "ports[{i}].nodePort {} is outside the NodePort range {lo}-{hi}",
+                p.node_port.unwrap_or(0)
+            ))?)
+        }
+    };
     let l4 = match protocol(p.protocol.as_deref()) {
         Ok(l4) => l4,
         Err(e) => {
-            note(format!("port {} ({name:?}): {e}", p.port));
-            return None;
+            note(format!("port {port} ({name:?}): {e}"));
+            return Ok(None);
         }
     };
-    let Ok(port) = u16::try_from(p.port) else {
-        note(format!("port {} is out of range: ignored", p.port));
-        return None;
-    };
-    let node_port = p.node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0);
-    Some(PortSpec { name, port, l4, node_port })
+    Ok(Some(PortSpec { name, port, l4, node_port: node_port.filter(|_| node_ports) }))
 }

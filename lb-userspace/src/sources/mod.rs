@@ -12,7 +12,11 @@ use crate::model::ClusterState;
 pub use self::kubernetes::NodeFacts;
 
 pub enum Source {
-    Manifests(manifests::Folder),
+    Manifests {
+        folder: manifests::Folder,
+        /// The watch's: its last signal was a settle timeout.
+        settled_only: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    },
     Kubernetes(kubernetes::KubeSource),
 }
 
@@ -23,17 +27,23 @@ pub struct Snapshot<'a> {
     pub errors: Vec<manifests::ManifestError>,
     /// What the cluster says about this node (Kubernetes only).
     pub node: NodeFacts,
+    /// Read again soon, though no change may be signalled (a file still
+    /// being written, a folder that could not be listed).
+    pub retry: bool,
 }
 
 impl Source {
     pub fn snapshot(&mut self) -> Snapshot<'_> {
         match self {
-            Source::Manifests(folder) => {
-                let (state, errors) = folder.refresh();
-                Snapshot { state: Cow::Borrowed(state), errors, node: NodeFacts::default() }
+            Source::Manifests { folder, settled_only } => {
+                let wary =
+                    settled_only.swap(false, std::sync::atomic::Ordering::Relaxed) || folder.retry_soon();
+                let (_, errors) = if wary { folder.refresh_wary() } else { folder.refresh() };
+                let retry = folder.retry_soon();
+                Snapshot { state: Cow::Borrowed(folder.state()), errors, node: NodeFacts::default(), retry }
             }
             Source::Kubernetes(k) => {
-                Snapshot { state: Cow::Owned(k.snapshot()), errors: Vec::new(), node: k.node() }
+                Snapshot { state: Cow::Owned(k.snapshot()), errors: Vec::new(), node: k.node(), retry: false }
             }
         }
     }

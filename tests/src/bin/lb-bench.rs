@@ -22,8 +22,11 @@ const IPT: usize = 2;
 const NFT: usize = 3;
 use lb_userspace::loader::FLOOR_OBJECT;
 
-/// Longest wait for an idle machine before a block of measurements.
+/// Longest wait for an idle machine before a block of measurements (the
+/// smoke run, beside other tests, waits a moment only: its figures are not
+/// kept).
 const QUIET: Duration = Duration::from_secs(60);
+const QUIET_QUICK: Duration = Duration::from_secs(1);
 const NEW_FLOWS: &str = "new flow per frame";
 const ESTABLISHED: &str = "one flow per service";
 
@@ -89,6 +92,7 @@ fn main() -> Result<()> {
             rule_changes: 5,
         }
     };
+    let quiet = if quick { QUIET_QUICK } else { QUIET };
     let started = Instant::now();
     let mut md = String::new();
     writeln!(md, "# Benchmarks\n")?;
@@ -205,7 +209,7 @@ fn main() -> Result<()> {
     // 3 exist (their teardown keeps the kernel busy for a while); written in
     // part 4.
     eprintln!("bench: control plane");
-    bench::wait_quiet(QUIET)?;
+    bench::wait_quiet(quiet)?;
     let cp = bench::control_plane(&wire, plan.control_services, plan.changes)?;
 
     // 2. Packets per second through a node.
@@ -249,9 +253,9 @@ fn main() -> Result<()> {
     let mut pps_at_max: Vec<(&str, [f64; DATAPLANES])> = Vec::new();
     for &n in &plan.lane_services {
         eprintln!("bench: packets per second, {n} services");
-        bench::wait_quiet(QUIET)?;
+        bench::wait_quiet(quiet)?;
         let mut lanes = Lanes::new(n, Proto::Udp)?;
-        bench::wait_quiet(QUIET)?;
+        bench::wait_quiet(quiet)?;
         lane_loads.push((Proto::Udp, n, lanes.load_secs()));
         for (kind, flows) in [(NEW_FLOWS, 0), (ESTABLISHED, n)] {
             let mut runs: [Vec<PpsRun>; DATAPLANES] = Default::default();
@@ -321,9 +325,9 @@ fn main() -> Result<()> {
     let mut rule_change: [Vec<Duration>; 2] = Default::default();
     for &n in &plan.lane_services {
         eprintln!("bench: connections per second, {n} services");
-        bench::wait_quiet(QUIET)?;
+        bench::wait_quiet(quiet)?;
         let lanes = Lanes::new(n, Proto::Tcp)?;
-        bench::wait_quiet(QUIET)?;
+        bench::wait_quiet(quiet)?;
         lane_loads.push((Proto::Tcp, n, lanes.load_secs()));
         let mut runs: [Vec<CpsRun>; DATAPLANES] = Default::default();
         let mut ceiling = Vec::new();

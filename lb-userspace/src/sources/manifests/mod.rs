@@ -6,31 +6,32 @@
 //! There is no EndpointSlice controller here, so Endpoints objects are
 //! mirrored into slices the way Kubernetes' mirroring controller does for
 //! selector-less Services, whatever the Service's selector.
+//!
+//! Nothing is lost to a bad moment: a folder that cannot be listed keeps its
+//! last state, a file that does not parse to its end (half written, or
+//! broken) keeps the objects it held before, and an object two files define
+//! comes from the first file by name, with the clash reported.
+
+mod parse;
+mod watch;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt,
+    io::Read as _,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
-use anyhow::{Context as _, Result};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use k8s_openapi::{
-    Metadata, Resource,
-    api::{
-        core::v1::Endpoints,
-        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
-    },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+pub use self::{
+    parse::{mirror, parse_into},
+    watch::Watch,
 };
-use notify::{RecursiveMode, Watcher as _};
-use serde::{Deserialize as _, de::DeserializeOwned};
-use serde_yaml_ng::Value;
-use tokio::sync::mpsc;
-
-use crate::model::{ClusterState, LABEL_SERVICE_NAME, object_ref};
+use crate::model::{ClusterState, ObjectRef};
 
 /// A problem in the manifests, located.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -59,13 +60,16 @@ pub struct Loaded {
 
 /// The manifest files under `path` (itself, if it is a file), sorted.
 pub fn manifest_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
-    if path.is_file() {
+    if std::fs::metadata(path)?.is_file() {
         return Ok(vec![path.to_path_buf()]);
     }
     let mut files = Vec::new();
     for entry in std::fs::read_dir(path)? {
         let p = entry?.path();
-        if p.is_file() && is_manifest(&p) {
+        // Hidden names are a ConfigMap volume's internals (`..data`) and
+        // editors' files.
+        let hidden = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        if !hidden && is_manifest(&p) {
             files.push(p);
         }
     }
@@ -78,297 +82,278 @@ pub fn is_manifest(path: &Path) -> bool {
     matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
 }
 
-/// Reads every manifest under `path` once.
-pub fn load(path: &Path) -> Loaded {
+/// Reads every manifest under `path` once; an error if the folder itself
+/// cannot be read.
+pub fn load(path: &Path) -> anyhow::Result<Loaded> {
     let mut folder = Folder::new(path);
-    let (state, errors) = folder.refresh();
-    Loaded { state: state.clone(), errors }
+    let (_, errors) = folder.refresh();
+    if let Some(e) = &folder.unlisted {
+        anyhow::bail!("{}: {e}", path.display());
+    }
+    Ok(Loaded { state: folder.state, errors })
 }
 
-/// Parses one file's documents into `loaded`.
-pub fn parse_into(file: &Path, text: &str, loaded: &mut Loaded) {
-    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let err = |object: Option<String>, reason: String| ManifestError {
-            file: file.to_path_buf(),
-            object,
-            reason,
-        };
-        match Value::deserialize(doc) {
-            Ok(Value::Null) => {}
-            Ok(v) => add_object(v, &mut |o, r| loaded.errors.push(err(o, r)), &mut loaded.state),
-            Err(e) => {
-                loaded.errors.push(err(None, format!("document {}: not valid YAML: {e}", i + 1)));
-                // The parser cannot resynchronise after a syntax error.
-                break;
-            }
-        }
+/// Limits on what a manifests folder may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Larger files are reported and not read: parsing YAML takes many
+    /// times a file's size in memory.
+    pub max_file_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_file_bytes: 16 << 20 }
     }
 }
 
-fn str_field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
-    v.get(key).and_then(Value::as_str)
-}
+/// A file is read once it has been left alone this long (or closed):
+/// until then it may be half written.
+const SETTLED: Duration = Duration::from_millis(50);
 
-fn describe(v: &Value, kind: &str) -> String {
-    let meta = v.get("metadata");
-    let name = meta.and_then(|m| str_field(m, "name")).unwrap_or("<unnamed>");
-    let ns = meta.and_then(|m| str_field(m, "namespace")).unwrap_or("default");
-    format!("{kind} {ns}/{name}")
-}
-
-fn add_object(v: Value, report: &mut dyn FnMut(Option<String>, String), state: &mut ClusterState) {
-    let Some(kind) = str_field(&v, "kind").map(str::to_owned) else {
-        report(None, "document without a kind: ignored".into());
-        return;
-    };
-    let what = describe(&v, &kind);
-    if kind.ends_with("List") {
-        match v.get("items").and_then(Value::as_sequence) {
-            Some(items) => items.iter().cloned().for_each(|item| add_object(item, report, state)),
-            None => report(Some(what), "a List without items".into()),
-        }
-        return;
-    }
-    let named = |meta: &ObjectMeta| meta.name.as_deref().is_some_and(|n| !n.is_empty());
-    match kind.as_str() {
-        "Service" => insert(v, what, &mut state.services, report),
-        "EndpointSlice" => insert(v, what, &mut state.slices, report),
-        "Endpoints" => match serde_yaml_ng::from_value::<Endpoints>(v) {
-            Ok(ep) if named(&ep.metadata) => {
-                for slice in mirror(&ep) {
-                    state.slices.insert(object_ref(&slice.metadata), Arc::new(slice));
-                }
-            }
-            Ok(_) => report(Some(what), "metadata.name is missing".into()),
-            Err(e) => report(Some(what), format!("not valid Endpoints: {e}")),
-        },
-        // Other kinds (Deployments, ConfigMaps...) may share the folder.
-        _ => {}
-    }
-}
-
-/// Parses `v` as a `T` and files it under its `namespace/name`.
-fn insert<T>(
-    v: Value,
-    what: String,
-    into: &mut BTreeMap<String, Arc<T>>,
-    report: &mut dyn FnMut(Option<String>, String),
-) where
-    T: DeserializeOwned + Resource + Metadata<Ty = ObjectMeta>,
-{
-    match serde_yaml_ng::from_value::<T>(v) {
-        Ok(mut obj) if obj.metadata().name.as_deref().is_some_and(|n| !n.is_empty()) => {
-            obj.metadata_mut().namespace.get_or_insert_with(|| "default".into());
-            if into.insert(object_ref(obj.metadata()), Arc::new(obj)).is_some() {
-                report(Some(what), "defined twice: the later definition wins".into());
-            }
-        }
-        Ok(_) => report(Some(what), "metadata.name is missing".into()),
-        Err(e) => report(Some(what), format!("not a valid {}: {e}", T::KIND)),
-    }
-}
-
-/// EndpointSlices for an Endpoints object, one per subset and address
-/// family, as the EndpointSlice mirroring controller makes them.
-pub fn mirror(ep: &Endpoints) -> Vec<EndpointSlice> {
-    let ns = ep.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-    let name = ep.metadata.name.clone().unwrap_or_default();
-    let mut slices = Vec::new();
-    for (i, subset) in ep.subsets.iter().flatten().enumerate() {
-        let ports: Vec<EndpointPort> = subset
-            .ports
-            .iter()
-            .flatten()
-            .map(|p| EndpointPort {
-                name: p.name.clone(),
-                port: Some(p.port),
-                protocol: p.protocol.clone(),
-                app_protocol: p.app_protocol.clone(),
-            })
-            .collect();
-        let mut by_family: BTreeMap<&str, Vec<Endpoint>> = BTreeMap::new();
-        let addresses = subset.addresses.iter().flatten().map(|a| (a, true));
-        let not_ready = subset.not_ready_addresses.iter().flatten().map(|a| (a, false));
-        for (addr, ready) in addresses.chain(not_ready) {
-            let family = if addr.ip.contains(':') { "IPv6" } else { "IPv4" };
-            by_family.entry(family).or_default().push(Endpoint {
-                addresses: vec![addr.ip.clone()],
-                conditions: Some(EndpointConditions {
-                    ready: Some(ready),
-                    serving: Some(ready),
-                    terminating: Some(false),
-                }),
-                hostname: addr.hostname.clone(),
-                node_name: addr.node_name.clone(),
-                target_ref: addr.target_ref.clone(),
-                ..Default::default()
-            });
-        }
-        for (family, endpoints) in by_family {
-            slices.push(EndpointSlice {
-                metadata: ObjectMeta {
-                    name: Some(format!("{name}-mirror-{}-{}", i, family.to_lowercase())),
-                    namespace: Some(ns.clone()),
-                    labels: Some([(LABEL_SERVICE_NAME.to_string(), name.clone())].into()),
-                    ..Default::default()
-                },
-                address_type: family.to_string(),
-                endpoints,
-                ports: Some(ports.clone()),
-            });
-        }
-    }
-    slices
-}
-
-/// A manifests folder kept in memory: only files whose size or mtime
-/// changed are parsed again, and the merged state is updated in place, so
-/// a change to one file costs that file, not the whole folder.
+/// A manifests folder kept in memory: only files whose stamp changed are
+/// parsed again, and the merged state is updated in place, so a change to
+/// one file costs that file, not the whole folder.
 #[derive(Debug, Default)]
 pub struct Folder {
     path: PathBuf,
+    limits: Limits,
     files: BTreeMap<PathBuf, FileEntry>,
     state: ClusterState,
+    /// Objects two or more files define: the first file's is used.
+    contested: BTreeMap<Key, Vec<PathBuf>>,
+    /// Why the folder could not be listed (its last state is kept).
+    unlisted: Option<String>,
+    /// A file was left half read, or unlisted: read again soon.
+    retry: bool,
 }
 
-#[derive(Debug)]
+/// An object of the merged state.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Key {
+    Service(ObjectRef),
+    Slice(ObjectRef),
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Key::Service(name) => write!(f, "Service {name}"),
+            Key::Slice(name) => write!(f, "EndpointSlice {name}"),
+        }
+    }
+}
+
+/// (mtime, size, device, inode): a ConfigMap's swap of `..data` changes
+/// the inode a manifest's link leads to.
+type Stamp = (SystemTime, u64, u64, u64);
+
+#[derive(Debug, Default)]
 struct FileEntry {
-    stamp: (std::time::SystemTime, u64),
-    services: Vec<String>,
-    slices: Vec<String>,
+    stamp: Option<Stamp>,
+    services: BTreeMap<ObjectRef, Arc<Service>>,
+    slices: BTreeMap<ObjectRef, Arc<EndpointSlice>>,
     errors: Vec<ManifestError>,
+}
+
+impl FileEntry {
+    fn keys(&self) -> impl Iterator<Item = Key> + '_ {
+        let services = self.services.keys().cloned().map(Key::Service);
+        services.chain(self.slices.keys().cloned().map(Key::Slice))
+    }
+
+    fn has(&self, key: &Key) -> bool {
+        match key {
+            Key::Service(name) => self.services.contains_key(name),
+            Key::Slice(name) => self.slices.contains_key(name),
+        }
+    }
 }
 
 impl Folder {
     pub fn new(path: &Path) -> Self {
-        Self { path: path.to_path_buf(), ..Default::default() }
+        Self::with_limits(path, Limits::default())
+    }
+
+    pub fn with_limits(path: &Path, limits: Limits) -> Self {
+        Self { path: path.to_path_buf(), limits, ..Default::default() }
+    }
+
+    /// The merged state of the last refresh.
+    pub fn state(&self) -> &ClusterState {
+        &self.state
+    }
+
+    /// Whether something should be read again soon though no event may come:
+    /// a file still being written, or a folder that could not be listed.
+    pub fn retry_soon(&self) -> bool {
+        self.retry
+    }
+
+    /// The file the object `kind namespace/name` comes from.
+    pub fn file_of(&self, kind: &str, name: &str) -> Option<&Path> {
+        let key = match kind {
+            "Service" => Key::Service(name.to_string()),
+            "EndpointSlice" => Key::Slice(name.to_string()),
+            _ => return None,
+        };
+        self.files.iter().find(|(_, e)| e.has(&key)).map(|(f, _)| f.as_path())
     }
 
     /// Re-reads what changed; returns the merged state and every current error.
     pub fn refresh(&mut self) -> (&ClusterState, Vec<ManifestError>) {
-        let mut errors = Vec::new();
-        let files = match manifest_files(&self.path) {
-            Ok(files) => files,
+        self.refresh_with(false)
+    }
+
+    /// `refresh`, when no writer is known to be done (a settle timeout):
+    /// files changed in the last moments may be half written and wait.
+    pub fn refresh_wary(&mut self) -> (&ClusterState, Vec<ManifestError>) {
+        self.refresh_with(true)
+    }
+
+    fn refresh_with(&mut self, wary: bool) -> (&ClusterState, Vec<ManifestError>) {
+        self.retry = false;
+        let mut dirty = BTreeSet::new();
+        match manifest_files(&self.path) {
             Err(e) => {
-                errors.push(ManifestError {
-                    file: self.path.clone(),
-                    object: None,
-                    reason: format!("cannot list manifests: {e}"),
-                });
-                Vec::new()
+                self.unlisted = Some(format!("cannot list manifests: {e}"));
+                self.retry = true;
             }
-        };
-        let gone: Vec<PathBuf> = self.files.keys().filter(|f| !files.contains(f)).cloned().collect();
-        for file in gone {
-            self.forget(&file);
-        }
-        for file in files {
-            let stamp = std::fs::metadata(&file).and_then(|m| Ok((m.modified()?, m.len())));
-            let Ok(stamp) = stamp else { continue };
-            if self.files.get(&file).is_some_and(|e| e.stamp == stamp) {
-                continue;
+            Ok(files) => {
+                self.unlisted = None;
+                let gone: Vec<PathBuf> = self.files.keys().filter(|f| !files.contains(f)).cloned().collect();
+                for file in gone {
+                    dirty.extend(
+                        self.files.remove(&file).into_iter().flat_map(|e| e.keys().collect::<Vec<_>>()),
+                    );
+                }
+                for file in files {
+                    self.read(&file, wary, &mut dirty);
+                }
             }
-            self.forget(&file);
-            let mut loaded = Loaded::default();
-            match std::fs::read_to_string(&file) {
-                Ok(text) => parse_into(&file, &text, &mut loaded),
-                Err(e) => loaded.errors.push(ManifestError {
-                    file: file.clone(),
-                    object: None,
-                    reason: format!("cannot read: {e}"),
-                }),
-            }
-            let entry = FileEntry {
-                stamp,
-                services: loaded.state.services.keys().cloned().collect(),
-                slices: loaded.state.slices.keys().cloned().collect(),
-                errors: loaded.errors,
-            };
-            self.state.services.extend(loaded.state.services);
-            self.state.slices.extend(loaded.state.slices);
-            self.files.insert(file, entry);
         }
-        for entry in self.files.values() {
-            errors.extend(entry.errors.iter().cloned());
+        for key in dirty {
+            self.merge(key);
         }
-        (&self.state, errors)
+        (&self.state, self.errors())
     }
 
-    fn forget(&mut self, file: &Path) {
-        if let Some(old) = self.files.remove(file) {
-            for k in old.services {
-                self.state.services.remove(&k);
-            }
-            for k in old.slices {
-                self.state.slices.remove(&k);
-            }
-        }
-    }
-}
-
-/// How long a manifest being written may stay open before it is read anyway.
-const SETTLE: Duration = Duration::from_millis(50);
-
-/// Follows the manifests at `path` until dropped: signals `changed` once
-/// they should be read again. A manifest closed after writing, renamed into
-/// place or removed is read at once; one that is being written, once it is
-/// closed or after `SETTLE` for writers that keep it open.
-pub struct Watch {
-    _watcher: notify::RecommendedWatcher,
-}
-
-impl Watch {
-    pub fn start(path: &Path, changed: mpsc::Sender<()>) -> Result<Self> {
-        use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
-        let (now_tx, mut now_rx) = mpsc::channel::<()>(1);
-        let (settling_tx, mut settling_rx) = mpsc::channel::<()>(1);
-        let single = path.is_file().then(|| path.to_path_buf());
-        let watched = path.to_path_buf();
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            let Ok(event) = event else { return };
-            // Editors' swap files and writers' temporary files do not count;
-            // the folder itself (removed, renamed) does.
-            let ours = |p: &PathBuf| {
-                *p == watched
-                    || match &single {
-                        Some(file) => p == file,
-                        None => is_manifest(p),
-                    }
-            };
-            if !event.paths.iter().any(ours) {
+    /// Reads `file` again if it changed (and, `wary`, has settled).
+    fn read(&mut self, file: &Path, wary: bool, dirty: &mut BTreeSet<Key>) {
+        let entry = self.files.entry(file.to_path_buf()).or_default();
+        let error = |reason: String| ManifestError { file: file.to_path_buf(), object: None, reason };
+        let meta = match std::fs::metadata(file) {
+            Ok(m) => m,
+            Err(e) => {
+                // A symlink loop, or a link whose target is gone (a swap in
+                // progress): what it held before stays.
+                entry.errors = vec![error(format!("cannot read: {e}"))];
+                entry.stamp = None;
                 return;
             }
-            let _ = match event.kind {
-                EventKind::Access(AccessKind::Close(AccessMode::Write))
-                | EventKind::Modify(ModifyKind::Name(_))
-                | EventKind::Remove(_) => now_tx.try_send(()),
-                EventKind::Access(_) => return,
-                _ => settling_tx.try_send(()),
+        };
+        if !meta.is_file() {
+            dirty.extend(entry.keys());
+            *entry = FileEntry {
+                errors: vec![error("not a regular file (a FIFO, device or folder): not read".into())],
+                ..Default::default()
             };
-        })?;
-        // Editors replace files by renaming: watch the folder, not the file.
-        let dir = if path.is_dir() { path } else { path.parent().unwrap_or(Path::new(".")) };
-        watcher
-            .watch(dir, RecursiveMode::NonRecursive)
-            .with_context(|| format!("watching {}", dir.display()))?;
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    Some(()) = now_rx.recv() => {}
-                    Some(()) = settling_rx.recv() => {
-                        tokio::select! {
-                            Some(()) = now_rx.recv() => {}
-                            _ = tokio::time::sleep(SETTLE) => {}
-                        }
-                    }
-                    else => return,
-                }
-                while now_rx.try_recv().is_ok() || settling_rx.try_recv().is_ok() {}
-                if changed.send(()).await.is_err() {
-                    return;
-                }
+            return;
+        }
+        let max = self.limits.max_file_bytes;
+        if meta.len() > max {
+            entry.errors = vec![error(format!(
+                "{} bytes, more than the limit of {max} (--max-manifest-bytes): not read{}",
+                meta.len(),
+                kept(entry)
+            ))];
+            entry.stamp = None;
+            return;
+        }
+        let stamp = (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len(), meta.dev(), meta.ino());
+        if entry.stamp == Some(stamp) {
+            return;
+        }
+        if wary && SystemTime::now().duration_since(stamp.0).is_ok_and(|age| age < SETTLED) {
+            // Just written: maybe still being written. Soon.
+            self.retry = true;
+            return;
+        }
+        let mut text = String::new();
+        let read = std::fs::File::open(file).and_then(|f| f.take(max + 1).read_to_string(&mut text));
+        let mut loaded = Loaded::default();
+        let complete = match read {
+            Ok(_) if text.len() as u64 > max => {
+                loaded.errors.push(error(format!("grew past the limit of {max} bytes while read: not read")));
+                false
             }
-        });
-        Ok(Self { _watcher: watcher })
+            Ok(_) => parse_into(file, &text, &mut loaded),
+            Err(e) => {
+                loaded.errors.push(error(format!("cannot read: {e}")));
+                false
+            }
+        };
+        entry.stamp = Some(stamp);
+        if complete {
+            dirty.extend(entry.keys());
+            entry.services = loaded.state.services;
+            entry.slices = loaded.state.slices;
+            dirty.extend(entry.keys());
+        } else if !entry.services.is_empty() || !entry.slices.is_empty() {
+            let note = format!("does not parse to its end{}", kept(entry));
+            loaded.errors.push(error(note));
+        }
+        entry.errors = loaded.errors;
     }
+
+    /// Sets `key` in the merged state from the first file defining it.
+    fn merge(&mut self, key: Key) {
+        let defining: Vec<&PathBuf> =
+            self.files.iter().filter(|(_, e)| e.has(&key)).map(|(f, _)| f).collect();
+        if defining.len() > 1 {
+            self.contested.insert(key.clone(), defining.iter().map(|f| (*f).clone()).collect());
+        } else {
+            self.contested.remove(&key);
+        }
+        let winner = defining.first().map(|f| &self.files[*f]);
+        match &key {
+            Key::Service(name) => match winner.and_then(|e| e.services.get(name)) {
+                Some(svc) => drop(self.state.services.insert(name.clone(), svc.clone())),
+                None => drop(self.state.services.remove(name)),
+            },
+            Key::Slice(name) => match winner.and_then(|e| e.slices.get(name)) {
+                Some(slice) => drop(self.state.slices.insert(name.clone(), slice.clone())),
+                None => drop(self.state.slices.remove(name)),
+            },
+        }
+    }
+
+    fn errors(&self) -> Vec<ManifestError> {
+        let mut errors: Vec<ManifestError> =
+            self.files.values().flat_map(|e| e.errors.iter().cloned()).collect();
+        for (key, files) in &self.contested {
+            for other in &files[1..] {
+                errors.push(ManifestError {
+                    file: other.clone(),
+                    object: Some(key.to_string()),
+                    reason: format!("also defined in {}, whose definition is used", files[0].display()),
+                });
+            }
+        }
+        if let Some(e) = &self.unlisted {
+            let (s, e2) = (self.state.services.len(), self.state.slices.len());
+            errors.push(ManifestError {
+                file: self.path.clone(),
+                object: None,
+                reason: format!("{e}: keeping the last state read ({s} Services, {e2} EndpointSlices)"),
+            });
+        }
+        errors
+    }
+}
+
+/// ", keeping the N objects it held before" when it held some.
+fn kept(entry: &FileEntry) -> String {
+    let n = entry.services.len() + entry.slices.len();
+    if n == 0 { String::new() } else { format!(": keeping the {n} objects it held before") }
 }
