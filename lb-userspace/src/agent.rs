@@ -271,7 +271,14 @@ impl Agent {
         let Snapshot { state, errors, node, retry } = self.source.snapshot();
         let (node, settings) = node_facts(&self.opts, &node)?;
         let synced = self.dataplane.sync(&state, &node, &settings);
-        report(&mut self.reported, &errors, self.dataplane.desired());
+        let mut lines: Vec<String> = errors.iter().map(|e| format!("manifest error: {e}")).collect();
+        let desired = self.dataplane.desired();
+        lines.extend(desired.notes.iter().map(|n| format!("{}: {}", n.object, n.message)));
+        for (frontend, full) in self.dataplane.overflow() {
+            let service = desired.frontends.get(frontend).map_or("?", |f| f.service.as_str());
+            lines.push(format!("{service}: {frontend} not programmed: {full}"));
+        }
+        report(&mut self.reported, lines);
         let ops = synced?;
         let s = self.dataplane.summary();
         self.telemetry.synced(started.elapsed(), s.frontends, s.backends);
@@ -333,10 +340,9 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
     Ok(kube::Client::try_from(config)?)
 }
 
-/// Logs manifest errors and semantic notes when they differ from `reported`.
-fn report(reported: &mut Vec<String>, errors: &[manifests::ManifestError], desired: &crate::model::Desired) {
-    let mut lines: Vec<String> = errors.iter().map(|e| format!("manifest error: {e}")).collect();
-    lines.extend(desired.notes.iter().map(|n| format!("{}: {}", n.object, n.message)));
+/// Logs manifest errors, semantic notes and frontends left out when they
+/// differ from what was `reported` last.
+fn report(reported: &mut Vec<String>, lines: Vec<String>) {
     if lines != *reported {
         for l in &lines {
             warn!("{}", printable(l));

@@ -22,7 +22,8 @@ impl<S: MapStore> Dataplane<S> {
     /// changed until the first sync, which prunes what is stale.
     pub fn adopt(store: S) -> Result<Self> {
         let programmed = store.dump().context("reading the programmed maps")?;
-        let reconciler = Reconciler::adopt(&programmed).context("adopting the programmed maps")?;
+        let reconciler =
+            Reconciler::adopt_with(&programmed, limits(&store)).context("adopting the programmed maps")?;
         Ok(Self { store, model: Model::default(), reconciler })
     }
 
@@ -31,18 +32,28 @@ impl<S: MapStore> Dataplane<S> {
     /// so the next sync plans from what is really there.
     pub fn sync(&mut self, state: &ClusterState, node: &NodeInfo, settings: &NodeSettings) -> Result<usize> {
         let desired = self.model.desired(state, node);
-        let applied = self.reconciler.plan(desired, settings).and_then(|ops| {
+        let (reconciler, store) = (&mut self.reconciler, &mut self.store);
+        let mut plan = || -> Result<(usize, bool)> {
+            let ops = reconciler.plan(desired, settings)?;
             for op in &ops {
                 debug!(?op, "map change");
             }
-            reconciler::apply(&mut self.store, &ops)?;
-            Ok(ops.len())
-        });
+            reconciler::apply(store, &ops)?;
+            Ok((ops.len(), !reconciler.overflow().is_empty()))
+        };
+        // What did not fit may fit now that this plan's deletions are done.
+        let applied =
+            plan().and_then(|(n, overflow)| if n > 0 && overflow { Ok(n + plan()?.0) } else { Ok(n) });
         if applied.is_err() {
             let programmed = self.store.dump().context("re-reading the maps after a failed sync")?;
-            self.reconciler = Reconciler::adopt(&programmed)?;
+            self.reconciler = Reconciler::adopt_with(&programmed, limits(&self.store))?;
         }
         applied
+    }
+
+    /// Desired frontends not programmed, their maps being full.
+    pub fn overflow(&self) -> &std::collections::BTreeMap<crate::frontend::Frontend, reconciler::StoreError> {
+        self.reconciler.overflow()
     }
 
     /// The desired state of the last sync.
@@ -53,6 +64,10 @@ impl<S: MapStore> Dataplane<S> {
     pub fn summary(&self) -> Summary {
         self.reconciler.summary()
     }
+}
+
+fn limits(store: &impl MapStore) -> reconciler::Limits {
+    reconciler::Limits::from_capacity(|m| store.capacity(m).unwrap_or(m.capacity()))
 }
 
 #[cfg(test)]
@@ -77,6 +92,9 @@ mod tests {
         }
         fn dump(&self) -> Result<Programmed, StoreError> {
             self.inner.dump()
+        }
+        fn capacity(&self, map: &lb_common::registry::MapDef) -> Option<u32> {
+            self.inner.capacity(map)
         }
     }
 

@@ -236,6 +236,10 @@ impl MapStore for Maps {
         }
         Ok(p)
     }
+
+    fn capacity(&self, map: &MapDef) -> Option<u32> {
+        Maps::capacity(self, map)
+    }
 }
 
 fn map_data(map: &Map) -> Option<&MapData> {

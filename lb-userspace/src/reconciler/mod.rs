@@ -85,6 +85,49 @@ pub struct Reconciler {
     next_backend_id: u32,
     free_frontend_ids: BTreeSet<u32>,
     next_frontend_id: u32,
+    limits: Limits,
+    /// Entries of the maps sized by the sum over frontends.
+    used: Usage,
+    /// Desired frontends the last plan left out: their maps are full.
+    overflow: BTreeMap<Frontend, StoreError>,
+}
+
+/// The sizes of the maps the reconciler fills, so that a plan never asks
+/// for more than they hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub frontends: usize,
+    pub backends: usize,
+    pub slots: usize,
+    pub affinity_match: usize,
+    pub source_ranges: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::from_capacity(|m| m.capacity())
+    }
+}
+
+impl Limits {
+    /// Each map's size as `capacity` gives it.
+    pub fn from_capacity(capacity: impl Fn(&registry::MapDef) -> u32) -> Self {
+        let of = |m: &registry::MapDef| capacity(m) as usize;
+        Self {
+            frontends: of(&registry::SERVICES).min(of(&registry::SERVICE_NAMES)),
+            backends: of(&registry::BACKENDS),
+            slots: of(&registry::SLOTS),
+            affinity_match: of(&registry::AFFINITY_MATCH),
+            source_ranges: of(&registry::SOURCE_RANGES),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Usage {
+    slots: usize,
+    members: usize,
+    ranges: usize,
 }
 
 /// Counts of what is programmed, for logs and metrics.
@@ -96,7 +139,54 @@ pub struct Summary {
 
 impl Reconciler {
     pub fn new() -> Self {
-        Self { next_backend_id: 1, next_frontend_id: 1, ..Default::default() }
+        Self::with_limits(Limits::default())
+    }
+
+    pub fn with_limits(limits: Limits) -> Self {
+        Self { next_backend_id: 1, next_frontend_id: 1, limits, ..Default::default() }
+    }
+
+    /// Desired frontends the last plan could not program, and why: a map
+    /// that is full. They are planned again each time.
+    pub fn overflow(&self) -> &BTreeMap<Frontend, StoreError> {
+        &self.overflow
+    }
+
+    /// `Err` naming the full map if `fe` at `key` does not fit.
+    fn room(&self, key: &Frontend, fe: &DesiredFrontend) -> Result<(), StoreError> {
+        let full = |map: &'static registry::MapDef, capacity: usize| {
+            Err(StoreError::Full { map: map.name, capacity: capacity as u32 })
+        };
+        let current = self.frontends.get(key);
+        if current.is_none() && self.frontends.len() >= self.limits.frontends {
+            return full(&registry::SERVICES, self.limits.frontends);
+        }
+        let new_backends: BTreeSet<BackendAddr> = fe
+            .backends
+            .iter()
+            .chain(&fe.standby)
+            .map(|b| backend_addr(b, key))
+            .filter(|a| !self.backends.contains_key(a))
+            .collect();
+        if self.backends.len() + new_backends.len() > self.limits.backends {
+            return full(&registry::BACKENDS, self.limits.backends);
+        }
+        let had = current.map_or(Usage::default(), |p| Usage {
+            slots: p.slots.len(),
+            members: p.members.len(),
+            ranges: p.ranges.len(),
+        });
+        let members = if fe.affinity_timeout.is_some() { fe.backends.len() } else { 0 };
+        if self.used.slots - had.slots + fe.backends.len() > self.limits.slots {
+            return full(&registry::SLOTS, self.limits.slots);
+        }
+        if self.used.members - had.members + members > self.limits.affinity_match {
+            return full(&registry::AFFINITY_MATCH, self.limits.affinity_match);
+        }
+        if self.used.ranges - had.ranges + fe.source_ranges.len() > self.limits.source_ranges {
+            return full(&registry::SOURCE_RANGES, self.limits.source_ranges);
+        }
+        Ok(())
     }
 
     pub fn summary(&self) -> Summary {
@@ -153,31 +243,32 @@ impl Reconciler {
         // And goes after it.
         gone.sort_by_key(|key| key.scope == Scope::Internal);
 
-        // Backends first: every endpoint the changed frontends name.
-        let mut named: BTreeMap<BackendAddr, Backend> = BTreeMap::new();
-        for (key, fe) in &changed {
-            for b in fe.backends.iter().chain(&fe.standby) {
-                let addr = backend_addr(b, key);
-                named.insert(addr, keys::backend_value(&addr, b.local)?);
-            }
-        }
-        for (addr, value) in &named {
-            match self.backends.get_mut(addr) {
-                Some((_, current)) if current == value => {}
-                Some((id, current)) => {
-                    ops.push(Op::PutBackend(*id, *value));
-                    *current = *value;
-                }
-                None => {
-                    let id = self.next_backend_id;
-                    self.next_backend_id = self.next_backend_id.wrapping_add(1).max(1);
-                    ops.push(Op::PutBackend(id, *value));
-                    self.backends.insert(*addr, (id, *value));
-                }
-            }
-        }
-
+        // What does not fit waits, in a stable order (the maps' keys),
+        // while everything that does is programmed.
+        self.overflow.clear();
         for (key, fe) in changed {
+            if let Err(full) = self.room(&key, fe) {
+                self.overflow.insert(key, full);
+                continue;
+            }
+            // Backends first: every endpoint the frontend names.
+            for b in fe.backends.iter().chain(&fe.standby) {
+                let addr = backend_addr(b, &key);
+                let value = keys::backend_value(&addr, b.local)?;
+                match self.backends.get_mut(&addr) {
+                    Some((_, current)) if *current == value => {}
+                    Some((id, current)) => {
+                        ops.push(Op::PutBackend(*id, value));
+                        *current = value;
+                    }
+                    None => {
+                        let id = self.next_backend_id;
+                        self.next_backend_id = self.next_backend_id.wrapping_add(1).max(1);
+                        ops.push(Op::PutBackend(id, value));
+                        self.backends.insert(addr, (id, value));
+                    }
+                }
+            }
             let old = self.frontends.get(&key).and_then(|p| p.desired.as_ref()).map(|d| refs_of(d, &key));
             let new = refs_of(fe, &key);
             for k in new.difference(old.as_ref().unwrap_or(&BTreeSet::new())) {
@@ -196,6 +287,9 @@ impl Reconciler {
                 self.unref(k);
             }
             let id = fe.value.id;
+            self.used.slots -= fe.slots.len();
+            self.used.members -= fe.members.len();
+            self.used.ranges -= fe.ranges.len();
             ops.push(Op::DelFrontend(keys::frontend_key(&key)?));
             if fe.name.is_some() {
                 ops.push(Op::DelName(id));
@@ -313,6 +407,9 @@ impl Reconciler {
         for gone in current.ranges.difference(&want_ranges) {
             ops.push(Op::DelSourceRange(id, *gone));
         }
+        self.used.slots = self.used.slots - old_len + new_len;
+        self.used.members = self.used.members - current.members.len() + want_members.len();
+        self.used.ranges = self.used.ranges - current.ranges.len() + want_ranges.len();
         current.value = value;
         current.name = Some(want_name);
         current.slots = slots;
@@ -325,7 +422,11 @@ impl Reconciler {
 
     /// Rebuilds the record from the maps' contents (pinned by an earlier run).
     pub fn adopt(maps: &Programmed) -> Result<Self> {
-        let mut r = Self::new();
+        Self::adopt_with(maps, Limits::default())
+    }
+
+    pub fn adopt_with(maps: &Programmed, limits: Limits) -> Result<Self> {
+        let mut r = Self::with_limits(limits);
         for (id, b) in &maps.backends {
             let Some((addr, _)) = keys::backend_of(b) else { continue };
             r.backends.insert(addr, (*id, *b));
@@ -353,6 +454,7 @@ impl Reconciler {
                 slots.push(*b);
             }
             used_ids.insert(value.id);
+            r.used.slots += slots.len();
             let fe = ProgrammedFrontend {
                 value: *value,
                 name: maps.names.get(&value.id).copied(),
@@ -361,6 +463,8 @@ impl Reconciler {
                 ranges: ranges.remove(&value.id).unwrap_or_default(),
                 desired: None,
             };
+            r.used.members += fe.members.len();
+            r.used.ranges += fe.ranges.len();
             r.frontends.insert(frontend, fe);
         }
         r.next_frontend_id = used_ids.last().map_or(1, |max| max + 1);

@@ -84,6 +84,8 @@ pub trait MapStore {
     fn apply(&mut self, op: &Op) -> Result<(), StoreError>;
     /// Everything the programmed maps hold (`registry::MapDef::programmed`).
     fn dump(&self) -> Result<Programmed, StoreError>;
+    /// How many entries `map` holds at most.
+    fn capacity(&self, map: &MapDef) -> Option<u32>;
 }
 
 /// The contents of the programmed maps, as kernel keys and values.
@@ -260,5 +262,9 @@ impl MapStore for MemoryStore {
 
     fn dump(&self) -> Result<Programmed, StoreError> {
         Ok(self.maps.clone())
+    }
+
+    fn capacity(&self, map: &MapDef) -> Option<u32> {
+        self.capacities.get(map.name).map(|n| *n as u32)
     }
 }

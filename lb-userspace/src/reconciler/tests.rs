@@ -249,3 +249,42 @@ proptest! {
         }
     }
 }
+
+/// More frontends than `lb_services` holds: those that fit are programmed
+/// in the maps' key order, the rest are reported with the flag to raise
+/// and planned again each time; changes to what is programmed still go in,
+/// and a frontend that goes makes room for a waiting one.
+#[test]
+fn over_capacity_programs_what_fits_and_keeps_going() {
+    let caps = [(&registry::SERVICES, 3usize)];
+    let mut store = MemoryStore::with_capacities(&caps);
+    let limits = Limits::from_capacity(|m| store.capacity(m).unwrap());
+    let mut r = Reconciler::with_limits(limits);
+    let key = |i: u8| Frontend::new(Ipv4Addr::new(10, 96, 0, i), 80, L4::Tcp);
+    let mut d = Desired::default();
+    for i in 1..=5 {
+        d.frontends.insert(key(i), Arc::new(frontend(&format!("default/svc-{i}"), &[i])));
+    }
+    apply(&mut store, &r.plan(&d, &node()).unwrap()).unwrap();
+    let programmed: Vec<_> = store.maps.services.keys().map(|k| k.addr[3]).collect();
+    assert_eq!(programmed, [1, 2, 3]);
+    let waiting: Vec<_> = r.overflow().keys().copied().collect();
+    assert_eq!(waiting, [key(4), key(5)]);
+    assert_eq!(
+        r.overflow()[&key(4)].to_string(),
+        "map lb_services is full (3 entries): raise --max-frontends"
+    );
+
+    // A change to a programmed frontend goes in though the map is full.
+    Arc::make_mut(d.frontends.get_mut(&key(2)).unwrap()).backends.push(be(9));
+    apply(&mut store, &r.plan(&d, &node()).unwrap()).unwrap();
+    assert_eq!(store.maps.services[&keys::frontend_key(&key(2)).unwrap()].backend_count, 2);
+    // One goes: the first waiting one takes its place.
+    d.frontends.remove(&key(1));
+    let ops = r.plan(&d, &node()).unwrap();
+    apply(&mut store, &ops).unwrap();
+    apply(&mut store, &r.plan(&d, &node()).unwrap()).unwrap();
+    let programmed: Vec<_> = store.maps.services.keys().map(|k| k.addr[3]).collect();
+    assert_eq!(programmed, [2, 3, 4]);
+    assert_eq!(r.overflow().keys().copied().collect::<Vec<_>>(), [key(5)]);
+}

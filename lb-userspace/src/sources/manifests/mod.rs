@@ -357,3 +357,6 @@ fn kept(entry: &FileEntry) -> String {
     let n = entry.services.len() + entry.slices.len();
     if n == 0 { String::new() } else { format!(": keeping the {n} objects it held before") }
 }
+
+#[cfg(test)]
+mod tests;
