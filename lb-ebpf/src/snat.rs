@@ -12,8 +12,10 @@ use lb_common::{Config, CtEntry, CtKey};
 use crate::conntrack;
 
 /// Random ports a claim tries: with 90% of the range held by live flows it
-/// fails with odds 0.9^128 ≈ 1.4e-6; with 99%, about one claim in four.
-const TRIES: u32 = 128;
+/// fails with odds 0.9^256 ≈ 2e-12; with 99%, about one claim in 13. The
+/// bound keeps a flood of new flows to an exhausted range cheap (a full
+/// sweep would cost thousands of lookups per packet).
+const TRIES: u32 = 256;
 
 /// One claim in progress, shared with the loop's callback (pointers to
 /// the caller's key and entry: the BPF stack is small).

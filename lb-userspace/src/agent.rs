@@ -25,7 +25,7 @@ use crate::{
     dataplane::Dataplane,
     loader::{self, Capacities},
     maps::Maps,
-    model::{NodeInfo, desired_state},
+    model::{NodeInfo, desired_state, printable},
     reconciler::NodeSettings,
     sources::{NodeFacts, Snapshot, Source, kubernetes::KubeSource, manifests},
     telemetry::{HealthCheckServers, Telemetry},
@@ -278,6 +278,10 @@ impl Agent {
             let service = desired.frontends.get(frontend).map_or("?", |f| f.service.as_str());
             lines.push(format!("{service}: {frontend} not programmed: {full}"));
         }
+        let refused = errors.len() + desired.notes.len();
+        let unprogrammed = self.dataplane.overflow().len();
+        self.telemetry.refused.store(refused as u64, std::sync::atomic::Ordering::Relaxed);
+        self.telemetry.unprogrammed.store(unprogrammed as u64, std::sync::atomic::Ordering::Relaxed);
         report(&mut self.reported, lines);
         let ops = synced?;
         let s = self.dataplane.summary();
@@ -360,14 +364,6 @@ pub fn dry_run(path: &Path, node: &NodeInfo) -> Result<String> {
         out.push_str(&format!("error: {}\n", printable(&e.to_string())));
     }
     Ok(out)
-}
-
-/// `s` with control characters escaped: names from manifests cannot forge
-/// log lines.
-pub fn printable(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] })
-        .collect()
 }
 
 #[cfg(test)]

@@ -82,7 +82,7 @@ struct RunArgs {
         long = "external-interface",
         env = "LB_EXTERNAL_INTERFACES",
         value_delimiter = ',',
-        required = true
+        required_unless_present = "dry_run"
     )]
     external_interfaces: Vec<String>,
     /// Glob(s) naming the host side of pod interfaces: TC attaches here.
@@ -276,6 +276,9 @@ fn main() -> Result<()> {
 
 fn run(args: RunArgs, pin_dir: PathBuf) -> Result<()> {
     if args.dry_run {
+        if args.node_addresses.is_empty() && args.external_interfaces.is_empty() {
+            anyhow::bail!("--dry-run needs the node's addresses: --node-address or --external-interface");
+        }
         let addresses = if args.node_addresses.is_empty() {
             agent::interface_addresses(&args.external_interfaces)?
         } else {

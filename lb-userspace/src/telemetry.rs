@@ -44,6 +44,11 @@ pub struct Telemetry {
     pub sync_errors: AtomicU64,
     pub frontends: AtomicU64,
     pub backends: AtomicU64,
+    /// Objects (or parts) refused at the last sync: manifest errors and
+    /// semantic notes.
+    pub refused: AtomicU64,
+    /// Desired frontends left out at the last sync: a map is full.
+    pub unprogrammed: AtomicU64,
     sync_seconds: Mutex<Histogram>,
 }
 
@@ -58,6 +63,8 @@ impl Telemetry {
             sync_errors: AtomicU64::new(0),
             frontends: AtomicU64::new(0),
             backends: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            unprogrammed: AtomicU64::new(0),
             sync_seconds: Mutex::new(Histogram::new(buckets)),
         })
     }
@@ -181,6 +188,16 @@ impl Telemetry {
         };
         reg.register("frontends", "Frontends programmed", gauge(&self.frontends));
         reg.register("backends", "Backends programmed", gauge(&self.backends));
+        reg.register(
+            "refused_objects",
+            "Manifest errors and objects (or fields) not programmed at the last sync; the log says which",
+            gauge(&self.refused),
+        );
+        reg.register(
+            "unprogrammed_frontends",
+            "Desired frontends left out because a map is full; the log names the map and its flag",
+            gauge(&self.unprogrammed),
+        );
         reg.register("syncs", "Syncs applied", counter(&self.syncs));
         reg.register("sync_errors", "Syncs that failed", counter(&self.sync_errors));
         reg.register(

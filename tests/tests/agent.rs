@@ -258,3 +258,81 @@ fn the_default_pin_dir_gets_bpffs_mounted() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// More frontends than `lb_services` holds: the log names the map and the
+/// flag, the frontends that fit (in key order) are programmed, the metric
+/// counts the rest, and changes keep being applied: to what is programmed,
+/// and to what waits once room is made.
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn over_capacity_programs_what_fits_and_keeps_applying_changes() {
+    require_root();
+    let node = Netns::new("n").unwrap();
+    veth(&node, "ext0", &node, "ext1").unwrap();
+    node.ip(&["addr", "add", "192.0.2.11/24", "dev", "ext0"]).unwrap();
+    let bpffs = Bpffs::new().unwrap();
+    let pin = bpffs.dir.join("lb");
+    let dir = tempdir();
+    let service = |i: u32, endpoints: &[&str]| {
+        let eps: Vec<String> = endpoints.iter().map(|a| format!("{{addresses: [\"{a}\"]}}")).collect();
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: default}}\n\
+             spec: {{clusterIP: 10.96.1.{i}, ports: [{{port: 80, targetPort: 8080}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: s{i}-1, namespace: default, labels: {{kubernetes.io/service-name: s{i}}}}}\n\
+             addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{}]\n",
+            eps.join(", ")
+        )
+    };
+    for i in 1..=6 {
+        std::fs::write(dir.join(format!("s{i}.yaml")), service(i, &["10.244.1.5"])).unwrap();
+    }
+    let args = [
+        "run",
+        "--manifests",
+        dir.to_str().unwrap(),
+        "--node-name",
+        "node-1",
+        "--external-interface",
+        "ext0",
+        "--pin-dir",
+        pin.to_str().unwrap(),
+        "--max-frontends",
+        "4",
+    ];
+    let agent = Agent::start(&node, &args).unwrap();
+    let programmed = || -> Option<Vec<String>> {
+        let services = inspect(&pin, "services")?;
+        let mut v: Vec<String> =
+            services.as_array()?.iter().filter_map(|s| s["frontend"].as_str().map(String::from)).collect();
+        v.sort();
+        Some(v)
+    };
+    let four = wait_for(Duration::from_secs(10), || programmed().filter(|v| v.len() == 4));
+    assert_eq!(
+        four,
+        Some((1..=4).map(|i| format!("10.96.1.{i}:80/TCP")).collect()),
+        "the first four by key; log:\n{}",
+        agent.log()
+    );
+    let log = agent.log();
+    assert!(log.contains("map lb_services is full (4 entries): raise --max-frontends"), "{log}");
+    assert!(log.contains("default/s5: 10.96.1.5:80/TCP not programmed"), "{log}");
+    let metrics = node.cmd("curl").args(["-s", "-m", "2", "http://127.0.0.1:9960/metrics"]).output().unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(metrics.contains("lb_unprogrammed_frontends 2"), "{metrics}");
+
+    // A change to a programmed Service is applied.
+    std::fs::write(dir.join("s2.yaml"), service(2, &["10.244.1.5", "10.244.1.6"])).unwrap();
+    let grown =
+        wait_for(Duration::from_secs(2), || backends_of(&pin, "10.96.1.2:80/TCP").filter(|b| b.len() == 2));
+    assert!(grown.is_some(), "change not applied while over capacity; log:\n{}", agent.log());
+    // Room made: a waiting frontend takes it.
+    std::fs::remove_file(dir.join("s1.yaml")).unwrap();
+    let moved = wait_for(Duration::from_secs(2), || {
+        programmed().filter(|v| v.contains(&"10.96.1.5:80/TCP".to_string()) && v.len() == 4)
+    });
+    assert!(moved.is_some(), "the waiting frontend was not programmed; log:\n{}", agent.log());
+    agent.stop().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

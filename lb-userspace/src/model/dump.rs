@@ -9,9 +9,9 @@ impl Desired {
     pub fn dump(&self) -> String {
         let mut out = String::new();
         for (key, fe) in &self.frontends {
-            let _ = write!(out, "{key} {} {}", fe.kind.as_str(), fe.service);
+            let _ = write!(out, "{key} {} {}", fe.kind.as_str(), printable(&fe.service));
             if !fe.port_name.is_empty() {
-                let _ = write!(out, " port={}", fe.port_name);
+                let _ = write!(out, " port={}", printable(&fe.port_name));
             }
             if let Some(t) = fe.affinity_timeout {
                 let _ = write!(out, " affinity=ClientIP/{t}s");
@@ -42,12 +42,34 @@ impl Desired {
             let _ = writeln!(
                 out,
                 "healthCheckNodePort {port} {}/{}: {} local endpoint(s)",
-                hc.namespace, hc.name, hc.local_endpoints
+                printable(&hc.namespace),
+                printable(&hc.name),
+                hc.local_endpoints
             );
         }
         for n in &self.notes {
-            let _ = writeln!(out, "note: {}: {}", n.object, n.message);
+            let _ = writeln!(out, "note: {}: {}", printable(&n.object), printable(&n.message));
         }
         out
+    }
+}
+
+/// `s` with control characters escaped: names from manifests cannot forge
+/// lines of a log or a dump.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn control_characters_in_names_are_escaped() {
+        assert_eq!(printable("default/web"), "default/web");
+        assert_eq!(printable("web\nWARN forged line"), "web\\nWARN forged line");
+        assert_eq!(printable("a\tb\u{1b}[31m"), "a\\tb\\u{1b}[31m");
     }
 }

@@ -25,7 +25,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-pub use self::spec::DEFAULT_AFFINITY_TIMEOUT;
+pub use self::{dump::printable, spec::DEFAULT_AFFINITY_TIMEOUT};
 use crate::{
     frontend::{Frontend, FrontendKind},
     sorted::diff,
@@ -430,4 +430,42 @@ fn derive(name: &str, svc: &Service, slices: &[Arc<EndpointSlice>], node: &NodeI
             Some((port, HealthCheck { namespace, name: service, local_endpoints: local_ready.len() }));
     }
     d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::manifests::{Loaded, parse::parse_into};
+
+    fn state(yaml: &str) -> ClusterState {
+        let mut loaded = Loaded::default();
+        assert!(parse_into(std::path::Path::new("t.yaml"), yaml, &mut loaded));
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        loaded.state
+    }
+
+    /// CVE-2020-8554: anyone who may create a Service could otherwise take
+    /// over any address with an externalIP.
+    #[test]
+    fn external_ips_outside_the_allowed_cidrs_are_refused() {
+        let state = state(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\
+             spec: {clusterIP: 10.96.0.10, externalIPs: [203.0.113.7, 198.51.100.9], ports: [{port: 80}]}\n",
+        );
+        let node = NodeInfo {
+            addresses: vec![[192, 0, 2, 11].into()],
+            external_ip_cidrs: vec!["203.0.113.0/24".parse().unwrap()],
+            ..Default::default()
+        };
+        let dump = desired_state(&state, &node).dump();
+        assert!(dump.contains("203.0.113.7:80/TCP ExternalIP default/web"), "{dump}");
+        assert!(!dump.contains("198.51.100.9:80/TCP"), "{dump}");
+        assert!(
+            dump.contains("note: default/web: externalIP 198.51.100.9 is outside --external-ip-cidrs"),
+            "{dump}"
+        );
+        // Without an allow-list every externalIP is programmed, as kube-proxy does.
+        let open = desired_state(&state, &NodeInfo { external_ip_cidrs: Vec::new(), ..node }).dump();
+        assert!(open.contains("198.51.100.9:80/TCP ExternalIP default/web"), "{open}");
+    }
 }

@@ -12,7 +12,7 @@
 //! broken) keeps the objects it held before, and an object two files define
 //! comes from the first file by name, with the clash reported.
 
-mod parse;
+pub(crate) mod parse;
 mod watch;
 
 use std::{
