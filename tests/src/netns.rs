@@ -185,7 +185,7 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn start(ns: &Netns, args: &[&str]) -> Result<Self> {
+    pub fn start<S: AsRef<std::ffi::OsStr>>(ns: &Netns, args: &[S]) -> Result<Self> {
         let log = std::env::temp_dir().join(format!("{}.log", unique("agent")));
         let out = File::create(&log)?;
         let child = ns

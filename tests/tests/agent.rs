@@ -32,6 +32,25 @@ fn slice(addresses: &[&str]) -> String {
     )
 }
 
+/// A node namespace whose external interface ext0 (a veth) has 192.0.2.11.
+fn node_namespace() -> Netns {
+    let node = Netns::new("n").unwrap();
+    veth(&node, "ext0", &node, "ext1").unwrap();
+    node.ip(&["addr", "add", "192.0.2.11/24", "dev", "ext0"]).unwrap();
+    node
+}
+
+/// `lb-agent run` from `manifests` as node-1 on ext0, pinning under `pin`,
+/// then `extra`.
+fn run_args(manifests: &Path, pin: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["run", "--manifests"].map(String::from).to_vec();
+    args.push(manifests.to_string_lossy().into_owned());
+    args.extend(["--node-name", "node-1", "--external-interface", "ext0", "--pin-dir"].map(String::from));
+    args.push(pin.to_string_lossy().into_owned());
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
 fn inspect(pin: &Path, what: &str) -> Option<Value> {
     let out = Command::new(agent_binary())
         .args(["inspect", what, "-o", "json", "--pin-dir"])
@@ -51,28 +70,14 @@ fn backends_of(pin: &Path, frontend: &str) -> Option<Vec<String>> {
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn agent_programs_updates_restarts_and_resets() {
     require_root();
-    let node = Netns::new("n").unwrap();
-    veth(&node, "ext0", &node, "ext1").unwrap();
-    node.ip(&["addr", "add", "192.0.2.11/24", "dev", "ext0"]).unwrap();
+    let node = node_namespace();
     let bpffs = Bpffs::new().unwrap();
     let pin = bpffs.dir.join("lb");
     let dir = tempdir();
     std::fs::write(dir.join("service.yaml"), SERVICE).unwrap();
     std::fs::write(dir.join("slice.yaml"), slice(&["10.244.1.5", "10.244.1.6"])).unwrap();
 
-    let args = [
-        "run",
-        "--manifests",
-        dir.to_str().unwrap(),
-        "--node-name",
-        "node-1",
-        "--external-interface",
-        "ext0",
-        "--pod-interfaces",
-        "lbp*",
-        "--pin-dir",
-        pin.to_str().unwrap(),
-    ];
+    let args = run_args(&dir, &pin, &["--pod-interfaces", "lbp*"]);
     let agent = Agent::start(&node, &args).unwrap();
     let got =
         wait_for(Duration::from_secs(10), || backends_of(&pin, "10.96.0.10:80/TCP").filter(|b| b.len() == 2));
@@ -141,26 +146,12 @@ fn tempdir() -> std::path::PathBuf {
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn health_answers_during_a_long_sync() {
     require_root();
-    let node = Netns::new("n").unwrap();
-    veth(&node, "ext0", &node, "ext1").unwrap();
-    node.ip(&["addr", "add", "192.0.2.11/24", "dev", "ext0"]).unwrap();
+    let node = node_namespace();
     let bpffs = Bpffs::new().unwrap();
     let pin = bpffs.dir.join("lb");
     let dir = tempdir();
     lb_tests::bench::write_manifests(&dir, 40_000, 1, lb_tests::bench::Proto::Tcp, None).unwrap();
-    let args = [
-        "run",
-        "--manifests",
-        dir.to_str().unwrap(),
-        "--node-name",
-        "node-1",
-        "--external-interface",
-        "ext0",
-        "--pin-dir",
-        pin.to_str().unwrap(),
-        "--health-address",
-        "127.0.0.1:9961",
-    ];
+    let args = run_args(&dir, &pin, &["--health-address", "127.0.0.1:9961"]);
     let agent = Agent::start(&node, &args).unwrap();
     let readyz = || {
         let out = node
@@ -210,9 +201,7 @@ fn the_default_pin_dir_gets_bpffs_mounted() {
     require_root();
     let mounts = || std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let before = mounts();
-    let node = Netns::new("n").unwrap();
-    veth(&node, "ext0", &node, "ext1").unwrap();
-    node.ip(&["addr", "add", "192.0.2.11/24", "dev", "ext0"]).unwrap();
+    let node = node_namespace();
     let dir = tempdir();
     std::fs::write(dir.join("service.yaml"), SERVICE).unwrap();
     std::fs::write(dir.join("slice.yaml"), slice(&["10.244.1.5"])).unwrap();
@@ -267,9 +256,7 @@ fn the_default_pin_dir_gets_bpffs_mounted() {
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn over_capacity_programs_what_fits_and_keeps_applying_changes() {
     require_root();
-    let node = Netns::new("n").unwrap();
-    veth(&node, "ext0", &node, "ext1").unwrap();
-    node.ip(&["addr", "add", "192.0.2.11/24", "dev", "ext0"]).unwrap();
+    let node = node_namespace();
     let bpffs = Bpffs::new().unwrap();
     let pin = bpffs.dir.join("lb");
     let dir = tempdir();
@@ -287,19 +274,7 @@ fn over_capacity_programs_what_fits_and_keeps_applying_changes() {
     for i in 1..=6 {
         std::fs::write(dir.join(format!("s{i}.yaml")), service(i, &["10.244.1.5"])).unwrap();
     }
-    let args = [
-        "run",
-        "--manifests",
-        dir.to_str().unwrap(),
-        "--node-name",
-        "node-1",
-        "--external-interface",
-        "ext0",
-        "--pin-dir",
-        pin.to_str().unwrap(),
-        "--max-frontends",
-        "4",
-    ];
+    let args = run_args(&dir, &pin, &["--max-frontends", "4"]);
     let agent = Agent::start(&node, &args).unwrap();
     let programmed = || -> Option<Vec<String>> {
         let services = inspect(&pin, "services")?;
