@@ -38,6 +38,10 @@ pub enum SourceKind {
     /// The API server: in-cluster config, `$KUBECONFIG` or this kubeconfig.
     Kubernetes {
         kubeconfig: Option<PathBuf>,
+        /// The API server's own address, replacing the configuration's
+        /// (in-cluster config names the `kubernetes` Service's ClusterIP,
+        /// which nothing translates before this agent has synced).
+        api_server: Option<http::Uri>,
     },
 }
 
@@ -162,11 +166,27 @@ pub async fn run(opts: Options) -> Result<()> {
                 settled_only,
             }
         }
-        SourceKind::Kubernetes { kubeconfig } => {
-            let client = kube_client(kubeconfig.as_deref()).await?;
+        SourceKind::Kubernetes { kubeconfig, api_server } => {
+            let (client, url) = kube_client(kubeconfig.as_deref(), api_server.clone()).await?;
             let source = KubeSource::start(client, &opts.node_name, changed_tx);
-            info!("waiting for the first full list of Services, EndpointSlices and this Node");
-            source.ready().await.context("first sync from the API server")?;
+            info!(api_server = %url, "waiting for the first full list of Services, EndpointSlices and this Node");
+            let hint = api_server_hint(
+                &url,
+                std::env::var("KUBERNETES_SERVICE_HOST").ok().as_deref(),
+                api_server.is_some(),
+            );
+            {
+                let ready = source.ready();
+                tokio::pin!(ready);
+                loop {
+                    tokio::select! {
+                        done = &mut ready => break done.context("first sync from the API server")?,
+                        _ = tokio::time::sleep(Duration::from_secs(10)) => {
+                            warn!(api_server = %url, "no full list from the API server yet{}", hint.as_deref().unwrap_or(""));
+                        }
+                    }
+                }
+            }
             Source::Kubernetes(source)
         }
     };
@@ -332,8 +352,13 @@ impl Agent {
     }
 }
 
-async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
-    let config = match kubeconfig {
+/// A client for the API server, and the address it dials: `api_server`
+/// when given, else the kubeconfig's or the in-cluster config's.
+async fn kube_client(
+    kubeconfig: Option<&Path>,
+    api_server: Option<http::Uri>,
+) -> Result<(kube::Client, http::Uri)> {
+    let mut config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
@@ -341,7 +366,26 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
         }
         None => kube::Config::infer().await.context("no in-cluster config and no kubeconfig")?,
     };
-    Ok(kube::Client::try_from(config)?)
+    if let Some(url) = api_server {
+        config.cluster_url = url;
+    }
+    let url = config.cluster_url.clone();
+    Ok((kube::Client::try_from(config)?, url))
+}
+
+/// What to tell an operator whose agent cannot reach the API server, when
+/// the address is the in-cluster one: the `kubernetes` Service's ClusterIP
+/// (`KUBERNETES_SERVICE_HOST`), which with kube-proxy gone nothing
+/// translates before this agent has synced.
+pub fn api_server_hint(url: &http::Uri, service_host: Option<&str>, overridden: bool) -> Option<String> {
+    let host = url.host()?.trim_start_matches('[').trim_end_matches(']');
+    (!overridden && service_host.is_some_and(|h| h == host)).then(|| {
+        format!(
+            ": {host} is the `kubernetes` Service's ClusterIP (KUBERNETES_SERVICE_HOST), which nothing translates \
+             until this agent has synced; set LB_API_SERVER (deploy/configmap.yaml) to the API server's own \
+             address, e.g. https://<control-plane address>:6443"
+        )
+    })
 }
 
 /// Logs manifest errors, semantic notes and frontends left out when they
@@ -369,6 +413,17 @@ pub fn dry_run(path: &Path, node: &NodeInfo) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreachable_in_cluster_api_server_gets_a_hint() {
+        let url: http::Uri = "https://10.96.0.1:443".parse().unwrap();
+        let hint = api_server_hint(&url, Some("10.96.0.1"), false).expect("a hint");
+        assert!(hint.contains("LB_API_SERVER"), "{hint}");
+        assert_eq!(api_server_hint(&url, Some("10.96.0.1"), true), None, "the operator already set it");
+        assert_eq!(api_server_hint(&url, None, false), None, "not the in-cluster address");
+        let other: http::Uri = "https://192.0.2.10:6443".parse().unwrap();
+        assert_eq!(api_server_hint(&other, Some("10.96.0.1"), false), None);
+    }
 
     #[test]
     fn retries_back_off_up_to_a_ceiling_and_start_over_after_success() {

@@ -71,6 +71,12 @@ struct RunArgs {
     /// Kubeconfig file for --kubernetes [default: in-cluster config, then $KUBECONFIG].
     #[arg(long, requires = "kubernetes")]
     kubeconfig: Option<PathBuf>,
+    /// The API server's own address (URL), replacing the configuration's.
+    /// Needed without kube-proxy: in-cluster config names the `kubernetes`
+    /// Service's ClusterIP, which nothing translates before this agent has
+    /// synced. Empty: unset.
+    #[arg(long, env = "LB_API_SERVER", value_parser = parse_api_server)]
+    api_server: Option<ApiServer>,
     /// This node's name (matched against endpoints' nodeName).
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
@@ -274,6 +280,21 @@ fn main() -> Result<()> {
     }
 }
 
+/// `--api-server`: a URL, or nothing when empty (a ConfigMap's placeholder).
+#[derive(Clone, Debug)]
+struct ApiServer(Option<http::Uri>);
+
+fn parse_api_server(s: &str) -> Result<ApiServer, String> {
+    if s.trim().is_empty() {
+        return Ok(ApiServer(None));
+    }
+    let url: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    if url.scheme().is_none() || url.host().is_none() {
+        return Err(format!("{s:?}: give scheme, host and port, e.g. https://192.0.2.10:6443"));
+    }
+    Ok(ApiServer(Some(url)))
+}
+
 fn run(args: RunArgs, pin_dir: PathBuf) -> Result<()> {
     if args.dry_run {
         if args.node_addresses.is_empty() && args.external_interfaces.is_empty() {
@@ -302,7 +323,10 @@ fn run(args: RunArgs, pin_dir: PathBuf) -> Result<()> {
         .collect::<Result<_>>()?;
     let source = match args.manifests {
         Some(path) => agent::SourceKind::Manifests(path),
-        None => agent::SourceKind::Kubernetes { kubeconfig: args.kubeconfig },
+        None => agent::SourceKind::Kubernetes {
+            kubeconfig: args.kubeconfig,
+            api_server: args.api_server.and_then(|a| a.0),
+        },
     };
     let opts = agent::Options {
         source,

@@ -45,3 +45,15 @@ fn a_bad_manifest_is_reported_and_the_rest_is_shown() {
     assert!(stdout.contains("10.96.0.10:80/TCP ClusterIP default/web"), "{stdout}");
     assert!(stdout.lines().any(|l| l.starts_with("error: ") && l.contains("broken.yaml")), "{stdout}");
 }
+
+#[test]
+fn an_api_server_that_is_no_url_is_refused_before_anything_runs() {
+    let out = Command::new(env!("CARGO_BIN_EXE_lb-agent"))
+        .args(["run", "--kubernetes", "--node-name", "node-1", "--external-interface", "eth0"])
+        .args(["--api-server", "192.0.2.10"])
+        .output()
+        .expect("lb-agent runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("--api-server") && stderr.contains("https://"), "{stderr}");
+}

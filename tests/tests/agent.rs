@@ -296,6 +296,10 @@ fn over_capacity_programs_what_fits_and_keeps_applying_changes() {
     let metrics = node.cmd("curl").args(["-s", "-m", "2", "http://127.0.0.1:9960/metrics"]).output().unwrap();
     let metrics = String::from_utf8_lossy(&metrics.stdout);
     assert!(metrics.contains("lb_unprogrammed_frontends 2"), "{metrics}");
+    // Idle, it stays idle: reading the folder is no change to it.
+    std::thread::sleep(Duration::from_millis(300));
+    let syncs = agent.log().matches("synced frontends").count();
+    assert!(syncs <= 3, "{syncs} syncs without a change:\n{}", agent.log());
 
     // A change to a programmed Service is applied.
     std::fs::write(dir.join("s2.yaml"), service(2, &["10.244.1.5", "10.244.1.6"])).unwrap();

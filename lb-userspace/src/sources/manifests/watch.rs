@@ -125,6 +125,13 @@ impl Watch {
 
 /// What an event means for the manifests in `dir` (or the one `file`).
 fn classify(event: &notify::Event, file: Option<&Path>, dir: &Path) -> Option<Raw> {
+    // Reading the folder (each refresh lists it) is an access to it: a sync
+    // must not trigger the next one.
+    if let EventKind::Access(access) = event.kind
+        && access != AccessKind::Close(AccessMode::Write)
+    {
+        return None;
+    }
     let touches_dir = event.paths.iter().any(|p| p == dir);
     if touches_dir && file.is_none() {
         return Some(Raw::Rewatch);
@@ -147,7 +154,32 @@ fn classify(event: &notify::Event, file: Option<&Path>, dir: &Path) -> Option<Ra
         | EventKind::Modify(ModifyKind::Name(_))
         | EventKind::Remove(_) => Some(Raw::Now),
         EventKind::Create(_) if !event.paths.iter().any(|p| is_manifest(p)) => Some(Raw::Now),
-        EventKind::Access(_) => None,
         _ => Some(Raw::Settling),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use notify::{Event, EventKind, event::AccessKind};
+
+    use super::*;
+
+    #[test]
+    fn reading_the_folder_is_no_change() {
+        let dir = Path::new("/etc/lb/manifests");
+        for access in
+            [AccessKind::Open(AccessMode::Any), AccessKind::Read, AccessKind::Close(AccessMode::Read)]
+        {
+            let event = Event::new(EventKind::Access(access)).add_path(dir.to_path_buf());
+            assert_eq!(classify(&event, None, dir), None, "{access:?} of the folder");
+            let file = Event::new(EventKind::Access(access)).add_path(dir.join("web.yaml"));
+            assert_eq!(classify(&file, None, dir), None, "{access:?} of a file");
+        }
+        let written = Event::new(EventKind::Access(AccessKind::Close(AccessMode::Write)))
+            .add_path(dir.join("web.yaml"));
+        assert_eq!(classify(&written, None, dir), Some(Raw::Now));
+        let renamed = Event::new(EventKind::Modify(ModifyKind::Name(notify::event::RenameMode::Any)))
+            .add_path(dir.to_path_buf());
+        assert_eq!(classify(&renamed, None, dir), Some(Raw::Rewatch));
     }
 }
