@@ -503,7 +503,7 @@ pub fn control_plane(wire: &Wire, n: u32, changes: usize) -> Result<ControlPlane
     let per = 10;
     let bpffs = Bpffs::new()?;
     let pin = bpffs.dir.join("lb");
-    let dir = std::env::temp_dir().join(crate::netns::unique("cp"));
+    let dir = crate::netns::TempDir::new("cp")?;
     write_manifests(&dir, n, per, Proto::Tcp, None)?;
     // The service whose endpoints change lives in its own file.
     let probe = n - 1;
@@ -581,7 +581,6 @@ pub fn control_plane(wire: &Wire, n: u32, changes: usize) -> Result<ControlPlane
     }
     let peak = status_kib(agent.child.id(), "VmHWM:");
     drop(agent);
-    let _ = std::fs::remove_dir_all(&dir);
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     Ok(ControlPlane {

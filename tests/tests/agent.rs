@@ -124,7 +124,6 @@ fn agent_programs_updates_restarts_and_resets() {
     let gone = Command::new("bpftool").args(["link", "show", "id", &link_id.to_string()]).output().unwrap();
     assert!(!gone.status.success(), "the TC link outlived the reset");
     assert!(inspect(&pin, "services").is_none(), "maps still pinned after reset");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The pinned TC link of ext0, as bpftool describes it.
@@ -134,10 +133,8 @@ fn tc_link(pin: &Path) -> Option<String> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn tempdir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(lb_tests::netns::unique("m"));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tempdir() -> lb_tests::netns::TempDir {
+    lb_tests::netns::TempDir::new("m").unwrap()
 }
 
 /// A long sync (thousands of Services in a debug build) holds one worker
@@ -188,7 +185,6 @@ fn health_answers_during_a_long_sync() {
         "/readyz did not answer within 0.5 s during the sync: {answers:?}"
     );
     assert_eq!(readyz(), "200");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// With the default `--pin-dir` and nothing mounted on /sys/fs/bpf (the
@@ -245,7 +241,6 @@ fn the_default_pin_dir_gets_bpffs_mounted() {
         before.lines().filter(|l| l.contains(" /sys/fs/bpf ")).count(),
         "the machine's mounts changed"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// More frontends than `lb_services` holds: the log names the map and the
@@ -313,5 +308,4 @@ fn over_capacity_programs_what_fits_and_keeps_applying_changes() {
     });
     assert!(moved.is_some(), "the waiting frontend was not programmed; log:\n{}", agent.log());
     agent.stop().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
 }
