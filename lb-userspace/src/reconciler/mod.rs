@@ -176,14 +176,24 @@ impl Reconciler {
             members: p.members.len(),
             ranges: p.ranges.len(),
         });
-        let members = if fe.affinity_timeout.is_some() { fe.backends.len() } else { 0 };
-        if self.used.slots - had.slots + fe.backends.len() > self.limits.slots {
+        // Slots beyond the old count are written first and the rest later
+        // deleted; affinity members and source ranges are added before the
+        // gone ones are deleted: their peak is the current use plus what is new.
+        if self.used.slots - had.slots + fe.backends.len().max(had.slots) > self.limits.slots {
             return full(&registry::SLOTS, self.limits.slots);
         }
-        if self.used.members - had.members + members > self.limits.affinity_match {
+        let member = |b: &DesiredBackend| {
+            let id = self.backends.get(&backend_addr(b, key)).map(|(id, _)| *id);
+            id.is_some_and(|id| current.is_some_and(|p| p.members.contains(&id)))
+        };
+        let added_members =
+            if fe.affinity_timeout.is_some() { fe.backends.iter().filter(|b| !member(b)).count() } else { 0 };
+        if self.used.members + added_members > self.limits.affinity_match {
             return full(&registry::AFFINITY_MATCH, self.limits.affinity_match);
         }
-        if self.used.ranges - had.ranges + fe.source_ranges.len() > self.limits.source_ranges {
+        let added_ranges =
+            fe.source_ranges.iter().filter(|r| !current.is_some_and(|p| p.ranges.contains(r))).count();
+        if self.used.ranges + added_ranges > self.limits.source_ranges {
             return full(&registry::SOURCE_RANGES, self.limits.source_ranges);
         }
         Ok(())
@@ -251,6 +261,14 @@ impl Reconciler {
                 self.overflow.insert(key, full);
                 continue;
             }
+            // An external frontend that sends in-cluster clients to its
+            // internal twin waits for the twin.
+            let twin = key.with_scope(Scope::Internal);
+            if fe.two_scopes && key.scope == Scope::External && !self.frontends.contains_key(&twin) {
+                let full = self.overflow.get(&twin).map(StoreError::to_string).unwrap_or_default();
+                self.overflow.insert(key, StoreError::Twin(full));
+                continue;
+            }
             // Backends first: every endpoint the frontend names.
             for b in fe.backends.iter().chain(&fe.standby) {
                 let addr = backend_addr(b, &key);
@@ -305,7 +323,19 @@ impl Reconciler {
             }
             self.free_frontend_ids.insert(id);
         }
+        // Adopted frontends still waiting for room keep serving with the
+        // backends their slots name.
+        let waiting: BTreeSet<u32> = self
+            .frontends
+            .values()
+            .filter(|p| p.desired.is_none())
+            .flat_map(|p| p.slots.iter().copied())
+            .collect();
         for addr in std::mem::take(&mut self.maybe_stale) {
+            if self.backends.get(&addr).is_some_and(|(id, _)| waiting.contains(id)) {
+                self.maybe_stale.insert(addr);
+                continue;
+            }
             if self.refs.get(&addr).copied().unwrap_or(0) == 0 {
                 self.refs.remove(&addr);
                 if let Some((id, _)) = self.backends.remove(&addr) {

@@ -58,6 +58,10 @@ impl Op {
 pub enum StoreError {
     #[error("map {map} is full ({capacity} entries){}", raise_hint(map))]
     Full { map: &'static str, capacity: u32 },
+    /// An external frontend whose internal twin (for in-cluster clients)
+    /// is not programmed: without it pods would get no translation.
+    #[error("waits for its internal twin: {0}")]
+    Twin(String),
     #[error("writing {map}: {source}")]
     Write {
         map: &'static str,

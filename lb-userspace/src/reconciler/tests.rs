@@ -288,3 +288,49 @@ fn over_capacity_programs_what_fits_and_keeps_going() {
     assert_eq!(programmed, [2, 3, 4]);
     assert_eq!(r.overflow().keys().copied().collect::<Vec<_>>(), [key(5)]);
 }
+
+/// After a restart, a frontend that grew past what the maps hold keeps
+/// serving with what it had: its backends are not swept as stale.
+#[test]
+fn an_adopted_frontend_that_no_longer_fits_keeps_its_backends() {
+    let caps = [(&registry::SLOTS, 5usize)];
+    let mut store = MemoryStore::with_capacities(&caps);
+    let limits = Limits::from_capacity(|m| store.capacity(m).unwrap());
+    let mut d = Desired::default();
+    d.frontends.insert(web(), Arc::new(frontend("default/web", &[1, 2, 3])));
+    apply(&mut store, &Reconciler::with_limits(limits).plan(&d, &node()).unwrap()).unwrap();
+
+    let mut r = Reconciler::adopt_with(&store.dump().unwrap(), limits).unwrap();
+    d.frontends.insert(web(), Arc::new(frontend("default/web", &[1, 2, 3, 4, 5, 6])));
+    let ops = r.plan(&d, &node()).unwrap();
+    assert!(!ops.iter().any(|op| matches!(op, Op::DelBackend(_))), "{ops:?}");
+    apply(&mut store, &ops).unwrap();
+    assert_eq!(r.overflow().keys().copied().collect::<Vec<_>>(), [web()]);
+    assert_eq!(store.maps.backends.len(), 3);
+    assert_eq!(store.maps.services[&keys::frontend_key(&web()).unwrap()].backend_count, 3);
+    // Once it fits again it is planned as usual.
+    d.frontends.insert(web(), Arc::new(frontend("default/web", &[2, 3])));
+    apply(&mut store, &r.plan(&d, &node()).unwrap()).unwrap();
+    assert!(r.overflow().is_empty());
+    assert_eq!(store.maps.backends.len(), 2, "the backend it dropped is swept");
+}
+
+/// An external frontend with an internal twin is programmed with it or
+/// not at all: alone, it would send in-cluster clients to nothing.
+#[test]
+fn an_external_frontend_waits_for_its_internal_twin() {
+    let caps = [(&registry::SLOTS, 3usize)];
+    let mut store = MemoryStore::with_capacities(&caps);
+    let mut r = Reconciler::with_limits(Limits::from_capacity(|m| store.capacity(m).unwrap()));
+    let key = Frontend::new(Ipv4Addr::new(203, 0, 113, 10), 80, L4::Tcp);
+    let mut external = frontend("default/web", &[1]);
+    external.local_only = true;
+    external.two_scopes = true;
+    let mut d = Desired::default();
+    d.frontends.insert(key, Arc::new(external));
+    d.frontends.insert(key.with_scope(Scope::Internal), Arc::new(frontend("default/web", &[1, 2, 3, 4])));
+    apply(&mut store, &r.plan(&d, &node()).unwrap()).unwrap();
+    assert!(store.maps.services.is_empty(), "{:?}", store.maps.services);
+    assert_eq!(r.overflow().len(), 2);
+    assert!(r.overflow()[&key].to_string().contains("internal twin"), "{}", r.overflow()[&key]);
+}
