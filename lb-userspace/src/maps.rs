@@ -152,9 +152,10 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
-/// E2BIG from an insert: the map has no room for another key.
+/// The map has no room for another key: E2BIG from a hash map, ENOSPC
+/// from an LPM trie.
 fn is_full(e: &MapError) -> bool {
-    matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG))
+    matches!(e, MapError::SyscallError(s) if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)))
 }
 
 impl MapStore for Maps {

@@ -114,7 +114,10 @@ impl Limits {
     pub fn from_capacity(capacity: impl Fn(&registry::MapDef) -> u32) -> Self {
         let of = |m: &registry::MapDef| capacity(m) as usize;
         Self {
-            frontends: of(&registry::SERVICES).min(of(&registry::SERVICE_NAMES)),
+            // Frontend ids index the per-frontend counters; 0 is never used.
+            frontends: of(&registry::SERVICES)
+                .min(of(&registry::SERVICE_NAMES))
+                .min(of(&registry::SVC_STATS).saturating_sub(1)),
             backends: of(&registry::BACKENDS),
             slots: of(&registry::SLOTS),
             affinity_match: of(&registry::AFFINITY_MATCH),
