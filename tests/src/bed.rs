@@ -61,22 +61,11 @@ pub fn frontend(addr: [u8; 4], port: u16, l4: L4) -> Frontend {
 /// What a frontend programs: `backends` take new connections; the rest of
 /// the fields as a plain ClusterIP has them, for the test to change.
 pub fn desired(kind: FrontendKind, backends: &[Be]) -> DesiredFrontend {
-    let mut backends: Vec<DesiredBackend> = backends
+    let backends = backends
         .iter()
         .map(|b| DesiredBackend { addr: IpAddr::from(b.addr), port: b.port, local: b.local })
         .collect();
-    backends.sort();
-    DesiredFrontend {
-        service: "default/test".into(),
-        port_name: String::new(),
-        kind,
-        backends,
-        standby: vec![],
-        affinity_timeout: None,
-        source_ranges: vec![],
-        local_only: false,
-        two_scopes: false,
-    }
+    DesiredFrontend::new("default/test", kind, backends)
 }
 
 /// What a program returned and the frame it left.

@@ -85,17 +85,11 @@ pub fn synthetic(n: u32, per: u32) -> Desired {
             .collect();
         d.frontends.insert(
             Frontend::new(vip, 80, L4::Tcp),
-            std::sync::Arc::new(DesiredFrontend {
-                service: format!("bench/svc-{i}"),
-                port_name: String::new(),
-                kind: FrontendKind::ClusterIp,
+            std::sync::Arc::new(DesiredFrontend::new(
+                &format!("bench/svc-{i}"),
+                FrontendKind::ClusterIp,
                 backends,
-                standby: vec![],
-                affinity_timeout: None,
-                source_ranges: vec![],
-                local_only: false,
-                two_scopes: false,
-            }),
+            )),
         );
     }
     d

@@ -112,6 +112,26 @@ pub struct DesiredFrontend {
     pub two_scopes: bool,
 }
 
+impl DesiredFrontend {
+    /// A frontend of `kind` serving `service` with `backends` and nothing
+    /// else: no port name, standby endpoints, affinity, source ranges or
+    /// traffic policy.
+    pub fn new(service: &str, kind: FrontendKind, mut backends: Vec<DesiredBackend>) -> Self {
+        backends.sort();
+        Self {
+            service: service.into(),
+            port_name: String::new(),
+            kind,
+            backends,
+            standby: Vec::new(),
+            affinity_timeout: None,
+            source_ranges: Vec::new(),
+            local_only: false,
+            two_scopes: false,
+        }
+    }
+}
+
 /// A problem with one object, reported and otherwise ignored.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Note {

@@ -19,17 +19,7 @@ fn web() -> Frontend {
 }
 
 fn frontend(service: &str, backends: &[u8]) -> DesiredFrontend {
-    DesiredFrontend {
-        service: service.into(),
-        port_name: String::new(),
-        kind: FrontendKind::ClusterIp,
-        backends: backends.iter().map(|b| be(*b)).collect(),
-        standby: vec![],
-        affinity_timeout: None,
-        source_ranges: vec![],
-        local_only: false,
-        two_scopes: false,
-    }
+    DesiredFrontend::new(service, FrontendKind::ClusterIp, backends.iter().map(|b| be(*b)).collect())
 }
 
 fn desired(backends: &[u8]) -> Desired {
