@@ -537,6 +537,30 @@ pub struct Config {
     pub flags: u32,
 }
 
+/// A socket and a peer address: the key of the socket hooks' maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockKey {
+    /// The socket's cookie (`bpf_get_socket_cookie`, `SO_COOKIE`).
+    pub cookie: u64,
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// The service address a socket hook translated to a backend: given back to
+/// the application by recvmsg() and getpeername().
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockService {
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub _pad: u16,
+    /// The frontend the backend was chosen for: the agent terminates
+    /// connected UDP sockets whose backend it no longer has.
+    pub frontend_id: u32,
+}
+
 /// Runtime switches (`Config::flags`).
 pub mod config_flags {
     /// Hand every translated packet to the host stack instead of
@@ -566,6 +590,8 @@ mod pod {
     unsafe impl aya::Pod for SvcStats {}
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for SockService {}
 }
 
 #[cfg(test)]

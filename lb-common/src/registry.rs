@@ -108,6 +108,8 @@ maps! {
         "LRU: both directions of every flow -> rewrite, backend, frontend, last seen";
     AFFINITY: "lb_affinity", LruHash, flag("affinity-size", 65_536), pinned: true, programmed: false,
         "LRU: (frontend id, client) -> the client's ClientIP-affinity backend";
+    SOCK_REV: "lb_sock_rev", LruHash, flag("sock-rev-size", 262_144), pinned: true, programmed: false,
+        "LRU: (socket cookie, backend) -> the service address the socket hooks translated";
     SVC_STATS: "lb_svc_stats", PerCpuArray, Size::Fixed(262_144), pinned: true, programmed: false,
         "per-CPU counters per frontend id (packets, bytes, new flows)";
     DROPS: "lb_drops", PerCpuArray, Size::Fixed(crate::Drop::SLOTS), pinned: true, programmed: false,

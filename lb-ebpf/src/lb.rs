@@ -1,6 +1,6 @@
 //! Service lookup and backend choice, decided from the maps alone: no
-//! packet, no conntrack. The packet hooks call these through `flow`; socket
-//! hooks can call them as they are.
+//! packet, no conntrack. The packet hooks call these through `flow`, the
+//! socket hooks (`sock`) as they are.
 
 use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use lb_common::{AffinityEntry, AffinityKey, Backend, Drop, Frontend, FrontendKey, Scope, frontend_flags};
@@ -17,6 +17,10 @@ pub enum Origin {
     /// A pod, through the host side of its interface: in-cluster, and its
     /// replies come back through this node anyway.
     Pod,
+    /// A socket of the node's own network namespace (the socket hooks):
+    /// in-cluster, and NodePorts answer on loopback too, as kube-proxy's
+    /// iptables mode has them.
+    Host,
 }
 
 /// The frontend `daddr:dport` names for a client at `origin`: an exact
@@ -32,14 +36,15 @@ pub fn frontend(daddr: [u8; 4], dport: u16, proto: u8, origin: Origin) -> Option
     let fe = match maps::frontend(&key) {
         Some(fe) => fe,
         None => {
-            if !maps::is_node_addr(&daddr) {
+            let loopback = origin == Origin::Host && daddr[0] == 127;
+            if !loopback && !maps::is_node_addr(&daddr) {
                 return None;
             }
             key.addr = [0; 4];
             maps::frontend(&key)?
         }
     };
-    if origin == Origin::Pod && fe.flags & frontend_flags::TWO_SCOPES != 0 {
+    if origin != Origin::External && fe.flags & frontend_flags::TWO_SCOPES != 0 {
         return maps::frontend(&key.with_scope(Scope::Internal));
     }
     Some(fe)

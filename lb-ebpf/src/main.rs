@@ -6,8 +6,11 @@
 //! - `lb_xdp`: the same at XDP, where a NIC gives complete frames.
 //! - `lb_tc_pod`: TC ingress on the host side of pod interfaces, i.e. packets
 //!   leaving pods (east-west, and replies of local backends).
+//! - `lb_sock_*`: cgroup socket hooks for the node's own clients (and pods'
+//!   with `--socket-lb all`): `sock` translates at connect()/sendmsg() and
+//!   restores the service address at recvmsg()/getpeername().
 //!
-//! Both are the same body (`hook::run`): parse, decide (`flow`: conntrack,
+//! The packet programs are the same body (`hook::run`): parse, decide (`flow`: conntrack,
 //! then `lb`'s frontend lookup and backend choice), carry the verdict out
 //! with the hook's own means (`nat`, `fwd`, `reject`).
 #![no_std]
@@ -25,15 +28,16 @@ mod nat;
 mod parse;
 mod reject;
 mod snat;
+mod sock;
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{__sk_buff, TC_ACT_OK},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
-use crate::lb::Origin;
+use crate::{lb::Origin, sock::Call};
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -57,6 +61,26 @@ pub fn lb_tc_ext(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn lb_tc_pod(ctx: TcContext) -> i32 {
     hook::run(&ctx, Origin::Pod)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, Call::Connect)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, Call::SendMsg)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_sock_peer4(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx)
 }
 
 #[cfg(not(test))]

@@ -11,7 +11,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityEntry, AffinityKey, AffinityMatchKey, Backend, Config, CtEntry, CtKey, Drop, Event, FlowBuf,
-    Frontend, FrontendKey, NextHop, ServiceName, SlotKey, SourceRangeKey, SvcStats, registry as reg,
+    Frontend, FrontendKey, NextHop, ServiceName, SlotKey, SockKey, SockService, SourceRangeKey, SvcStats,
+    registry as reg,
 };
 
 const fn cap(m: reg::MapDef) -> usize {
@@ -51,6 +52,9 @@ pub static LB_CONNTRACK: LruHashMap<CtKey, CtEntry, { cap(reg::CONNTRACK) }> = L
 
 #[btf_map(name = "lb_affinity")]
 pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { cap(reg::AFFINITY) }> = LruHashMap::new();
+
+#[btf_map(name = "lb_sock_rev")]
+pub static LB_SOCK_REV: LruHashMap<SockKey, SockService, { cap(reg::SOCK_REV) }> = LruHashMap::new();
 
 #[btf_map(name = "lb_svc_stats")]
 pub static LB_SVC_STATS: PerCpuArray<SvcStats, { cap(reg::SVC_STATS) }> = PerCpuArray::new();
@@ -121,6 +125,16 @@ pub fn set_affinity(key: &AffinityKey, entry: &AffinityEntry) {
 /// Whether `backend_id` may still be chosen by affinity on `frontend_id`.
 pub fn affinity_member(frontend_id: u32, backend_id: u32) -> bool {
     LB_AFF_MATCH.get_ptr(&AffinityMatchKey { frontend_id, backend_id }).is_some()
+}
+
+/// The service a socket hook translated `key`'s backend from.
+pub fn sock_service(key: &SockKey) -> Option<SockService> {
+    LB_SOCK_REV.get_ptr(key).map(|p| unsafe { *p })
+}
+
+pub fn set_sock_service(key: &SockKey, service: &SockService) {
+    // Best effort: without it, recvmsg() and getpeername() show the backend.
+    let _ = LB_SOCK_REV.insert(key, service, BPF_ANY as u64);
 }
 
 /// The conntrack entry of `key`, read in place.

@@ -17,6 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::Ebpf;
+use lb_common::SockKey;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
@@ -27,6 +28,7 @@ use crate::{
     maps::Maps,
     model::{NodeInfo, desired_state, printable},
     reconciler::NodeSettings,
+    socket_lb,
     sources::{NodeFacts, Snapshot, Source, kubernetes::KubeSource, manifests},
     telemetry::{HealthCheckServers, Telemetry},
 };
@@ -71,6 +73,10 @@ pub struct Options {
     pub node_port_range: (u16, u16),
     /// externalIPs served (all when empty).
     pub external_ip_cidrs: Vec<ipnet::IpNet>,
+    /// Whose sockets the cgroup socket hooks serve.
+    pub socket_lb: socket_lb::Mode,
+    /// The cgroup v2 directory they attach to (default: the host's root).
+    pub cgroup_root: Option<PathBuf>,
 }
 
 /// IPv4 addresses of `interfaces`.
@@ -261,7 +267,14 @@ impl Agent {
     fn start(opts: Options, mut source: Source, telemetry: Arc<Telemetry>) -> Result<Self> {
         // Fail before touching the kernel if this node cannot be described.
         let (node, _) = node_facts(&opts, &source.snapshot().node)?;
-        let mut ebpf = loader::load(&opts.pin_dir, &opts.capacities)?;
+        let sockets = match opts.socket_lb {
+            socket_lb::Mode::Off => loader::SocketHooks::default(),
+            mode => loader::SocketHooks {
+                host_netns_cookie: socket_lb::netns_cookie()?,
+                pods: mode == socket_lb::Mode::All,
+            },
+        };
+        let mut ebpf = loader::load(&opts.pin_dir, &opts.capacities, sockets)?;
         attach::load_programs(&mut ebpf)?;
         let mut externals = Vec::new();
         for iface in &opts.external_interfaces {
@@ -271,6 +284,13 @@ impl Agent {
             externals.push(ext);
         }
         telemetry.attached(&opts.pin_dir, externals);
+        if opts.socket_lb == socket_lb::Mode::Off {
+            attach::detach_sockets(&opts.pin_dir, None)?;
+        } else {
+            let cgroup = socket_lb::cgroup_root(opts.cgroup_root.as_deref(), &opts.procfs)?;
+            attach::attach_sockets(&mut ebpf, &opts.pin_dir, &cgroup)?;
+            info!(cgroup = %cgroup.display(), mode = ?opts.socket_lb, "socket hooks attached");
+        }
         let dataplane = Dataplane::adopt(Maps::from_ebpf(&mut ebpf)?)?;
         let adopted = dataplane.summary();
         if adopted.frontends > 0 {
@@ -304,6 +324,9 @@ impl Agent {
         self.telemetry.unprogrammed.store(unprogrammed as u64, std::sync::atomic::Ordering::Relaxed);
         report(&mut self.reported, lines);
         let ops = synced?;
+        if ops > 0 && self.opts.socket_lb != socket_lb::Mode::Off {
+            self.terminate_stale_sockets();
+        }
         let s = self.dataplane.summary();
         self.telemetry.synced(started.elapsed(), s.frontends, s.backends);
         info!(
@@ -314,6 +337,40 @@ impl Agent {
             "synced"
         );
         Ok(retry)
+    }
+
+    /// Destroys connected UDP sockets whose backend (given by the socket
+    /// hooks) is no longer one of its frontend's: the node's, and with
+    /// `--socket-lb all` the pods'.
+    fn terminate_stale_sockets(&mut self) {
+        let live = self.dataplane.live_backends();
+        let rev = &self.dataplane.store.sock_rev;
+        let mut stale = |cookie: u64, addr: [u8; 4], port: u16| {
+            let key = SockKey { cookie, addr, port, _pad: 0 };
+            rev.get(&key, 0).is_ok_and(|svc| {
+                live.get(&svc.frontend_id).is_none_or(|backends| !backends.contains(&(addr, port)))
+            })
+        };
+        let mut here = || socket_lb::terminate_stale(&socket_lb::SockDiag::open()?, &mut stale);
+        let mut n = match here() {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(error = format!("{e:#}"), "cannot search UDP sockets for gone backends");
+                0
+            }
+        };
+        if self.opts.socket_lb == socket_lb::Mode::All {
+            match socket_lb::in_other_namespaces(&self.opts.procfs, here) {
+                Ok(more) => n += more,
+                Err(e) => {
+                    warn!(error = format!("{e:#}"), "cannot search pods' UDP sockets for gone backends")
+                }
+            }
+        }
+        if n > 0 {
+            info!(sockets = n, "terminated UDP sockets connected to gone backends");
+            self.telemetry.sockets_terminated.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Attaches TC to pod interfaces not yet served, and tells the

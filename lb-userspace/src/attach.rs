@@ -1,6 +1,7 @@
 //! Attaching the programs: the north-south program on the external
 //! interfaces (TC ingress by default, XDP where it is an acceleration),
-//! TCX ingress on pod interfaces. Every attachment is a BPF link pinned
+//! TCX ingress on pod interfaces, the socket hooks on a cgroup v2
+//! directory (the host's root by default). Every attachment is a BPF link pinned
 //! under `<pin dir>/links/`, so it outlives the agent: an ordinary stop or a
 //! crash leaves traffic flowing, and the next run swaps its own program
 //! into the same link atomically. Only `lb-agent reset` detaches.
@@ -15,13 +16,13 @@ use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
     programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
     },
 };
 use tracing::{debug, info, warn};
 
-use crate::loader::{TC_EXT_PROGRAM, TC_POD_PROGRAM, XDP_PROGRAM};
+use crate::loader::{SOCK_PROGRAMS, TC_EXT_PROGRAM, TC_POD_PROGRAM, XDP_PROGRAM};
 
 pub fn links_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join("links")
@@ -38,6 +39,56 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
     for name in [TC_EXT_PROGRAM, TC_POD_PROGRAM] {
         let tc: &mut SchedClassifier = ebpf.program_mut(name).context("no TC program")?.try_into()?;
         tc.load().with_context(|| format!("loading {name}"))?;
+    }
+    for name in SOCK_PROGRAMS {
+        let sock: &mut CgroupSockAddr = ebpf.program_mut(name).context("no socket program")?.try_into()?;
+        sock.load().with_context(|| format!("loading {name}"))?;
+    }
+    Ok(())
+}
+
+/// The pin of socket program `program`'s link on the cgroup with id
+/// `cgroup_id` (its directory's inode).
+fn cgroup_link_pin(pin_dir: &Path, program: &str, cgroup_id: u64) -> PathBuf {
+    links_dir(pin_dir).join(format!("{program}@cgroup-{cgroup_id}"))
+}
+
+/// Attaches (or re-attaches) the socket hooks to the cgroup v2 directory
+/// `cgroup`, then removes those an earlier run left on another cgroup.
+pub fn attach_sockets(ebpf: &mut Ebpf, pin_dir: &Path, cgroup: &Path) -> Result<()> {
+    let id = crate::socket_lb::cgroup_id(cgroup)?;
+    let dir = cgroup.to_string_lossy().into_owned();
+    for name in SOCK_PROGRAMS {
+        let prog: &mut CgroupSockAddr = ebpf.program_mut(name).context("no socket program")?.try_into()?;
+        pinned_link(
+            prog,
+            &cgroup_link_pin(pin_dir, name, id),
+            &dir,
+            |prog, old| Ok(prog.attach_to_link(old.try_into()?).map(drop)?),
+            |prog, dir| {
+                let cgroup =
+                    fs::File::open(dir.to_str()?).with_context(|| format!("opening cgroup {dir:?}"))?;
+                // A link is always one of many on its cgroup (flags 0).
+                let id = prog.attach(&cgroup, CgroupAttachMode::Single)?;
+                Ok(prog.take_link(id)?.try_into()?)
+            },
+        )?;
+    }
+    detach_sockets(pin_dir, Some(id))
+}
+
+/// Removes the socket hooks' links (`--socket-lb off`), or those on
+/// cgroups other than `keep`.
+pub fn detach_sockets(pin_dir: &Path, keep: Option<u64>) -> Result<()> {
+    let Ok(entries) = fs::read_dir(links_dir(pin_dir)) else { return Ok(()) };
+    let kept = keep.map(|id| format!("@cgroup-{id}"));
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours = SOCK_PROGRAMS.iter().any(|p| name.starts_with(&format!("{p}@cgroup-")));
+        if ours && kept.as_ref().is_none_or(|k| !name.ends_with(k.as_str())) {
+            fs::remove_file(entry.path()).with_context(|| format!("detaching {name}"))?;
+            info!(link = %name, "detached");
+        }
     }
     Ok(())
 }
@@ -189,10 +240,11 @@ fn attach_tc(ebpf: &mut Ebpf, pin_dir: &Path, program: &str, ifname: &str) -> Re
 
 /// Swaps the program into the link pinned at `pin` (an earlier run's), or
 /// attaches anew and pins the link.
+/// `target` names the interface or the cgroup directory.
 fn pinned_link<P>(
     prog: &mut P,
     pin: &Path,
-    ifname: &str,
+    target: &str,
     replace: impl FnOnce(&mut P, FdLink) -> Result<()>,
     attach: impl FnOnce(&mut P, &std::ffi::CStr) -> Result<FdLink>,
 ) -> Result<()> {
@@ -209,7 +261,7 @@ fn pinned_link<P>(
             }
         }
     }
-    let cname = std::ffi::CString::new(ifname)?;
+    let cname = std::ffi::CString::new(target)?;
     let link = attach(prog, cname.as_c_str()).with_context(|| format!("attaching {name}"))?;
     fs::create_dir_all(pin.parent().expect("links dir"))?;
     link.pin(pin).with_context(|| format!("pinning {}", pin.display()))?;

@@ -61,6 +61,10 @@ impl<S: MapStore> Dataplane<S> {
         self.model.current()
     }
 
+    pub fn live_backends(&self) -> crate::socket_lb::LiveBackends {
+        self.reconciler.live_backends()
+    }
+
     pub fn summary(&self) -> Summary {
         self.reconciler.summary()
     }

@@ -13,6 +13,7 @@ pub mod loader;
 pub mod maps;
 pub mod model;
 pub mod reconciler;
+pub mod socket_lb;
 pub mod sorted;
 pub mod sources;
 pub mod telemetry;

@@ -20,6 +20,19 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 pub const XDP_PROGRAM: &str = "lb_xdp";
 pub const TC_EXT_PROGRAM: &str = "lb_tc_ext";
 pub const TC_POD_PROGRAM: &str = "lb_tc_pod";
+/// The cgroup socket hooks, each with the attach type it is built for.
+pub const SOCK_PROGRAMS: [&str; 4] =
+    ["lb_sock_connect4", "lb_sock_sendmsg4", "lb_sock_recvmsg4", "lb_sock_peer4"];
+
+/// Whose sockets the socket hooks serve: fixed at load time, as the
+/// programs' constants.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketHooks {
+    /// The node's network namespace (its cookie); 0 serves none.
+    pub host_netns_cookie: u64,
+    /// Pods' sockets too (`--socket-lb all`).
+    pub pods: bool,
+}
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
@@ -121,19 +134,24 @@ pub fn is_bpffs(dir: &Path) -> Result<bool> {
 }
 
 /// Loads the object with its maps pinned (or adopted) under `pin_dir`.
-pub fn load(pin_dir: &Path, caps: &Capacities) -> Result<Ebpf> {
-    load_object(EBPF_OBJECT, pin_dir, caps)
+pub fn load(pin_dir: &Path, caps: &Capacities, sockets: SocketHooks) -> Result<Ebpf> {
+    load_object(EBPF_OBJECT, pin_dir, caps, sockets)
 }
 
 /// Loads `object` (the agent's own, or another build of it in benchmarks)
 /// with the registry's maps sized and pinned under `pin_dir`.
-pub fn load_object(object: &[u8], pin_dir: &Path, caps: &Capacities) -> Result<Ebpf> {
+pub fn load_object(object: &[u8], pin_dir: &Path, caps: &Capacities, sockets: SocketHooks) -> Result<Ebpf> {
     ensure_bpffs(pin_dir)?;
     // The programs skip formatting log events below the agent's level.
     let log_level = log::max_level() as u8;
     let mut loader = EbpfLoader::new();
     // (Builds before 0.2 declared their pins in the object.)
-    loader.default_map_pin_directory(pin_dir).override_global(aya_log::LEVEL, &log_level, false);
+    let pods = u8::from(sockets.pods);
+    loader
+        .default_map_pin_directory(pin_dir)
+        .override_global(aya_log::LEVEL, &log_level, false)
+        .override_global("HOST_NETNS_COOKIE", &sockets.host_netns_cookie, false)
+        .override_global("SOCKET_LB_PODS", &pods, false);
     for m in MAPS {
         loader.map_max_entries(m.name, caps.of(m));
         if m.pinned {
@@ -202,6 +220,7 @@ mod tests {
             (registry::SVC_STATS.name, (4, size_of::<SvcStats>())),
             (registry::DROPS.name, (4, 8)),
             (registry::NEXT_HOPS.name, (4, size_of::<NextHop>())),
+            (registry::SOCK_REV.name, (size_of::<SockKey>(), size_of::<SockService>())),
         ]
         .into();
         for def in MAPS {
@@ -228,6 +247,16 @@ mod tests {
         assert_eq!(caps.of(&registry::BACKENDS), registry::BACKENDS.capacity());
         assert_eq!(caps.of(&registry::DROPS), Drop::SLOTS);
         let flags: Vec<&str> = Capacities::flags().map(|(f, _, _)| f).collect();
-        assert_eq!(flags, ["affinity-size", "conntrack-size", "max-backends", "max-frontends", "max-slots"]);
+        assert_eq!(
+            flags,
+            [
+                "affinity-size",
+                "conntrack-size",
+                "max-backends",
+                "max-frontends",
+                "max-slots",
+                "sock-rev-size"
+            ]
+        );
     }
 }

@@ -9,6 +9,7 @@ use lb_userspace::{
     loader::{self, Capacities},
     maps::Maps,
     model::NodeInfo,
+    socket_lb,
 };
 
 #[derive(Parser)]
@@ -139,6 +140,27 @@ struct RunArgs {
     /// hands them to it.
     #[arg(long, env = "LB_FORWARDING", value_enum, default_value = "redirect")]
     forwarding: Forwarding,
+    /// Socket-level load balancing (cgroup hooks at connect, sendmsg,
+    /// recvmsg, getpeername): `host` serves the node's own clients (the
+    /// kubelet, hostNetwork pods, this agent), which no packet hook sees;
+    /// `all` serves pods too, translating their TCP and connected UDP once
+    /// at connect() instead of per packet (programs in the pod that expect
+    /// the original destination, such as mesh sidecars, then see the
+    /// backend); `off` attaches nothing.
+    #[arg(long, env = "LB_SOCKET_LB", value_enum, default_value = "host")]
+    socket_lb: SocketLbArg,
+    /// cgroup v2 directory the socket hooks attach to [default: the host's
+    /// cgroup v2 mount, found in /proc/self/mountinfo]; on a hybrid host a
+    /// directory whose `unified` child is cgroup v2 also does.
+    #[arg(long, env = "LB_CGROUP_ROOT")]
+    cgroup_root: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SocketLbArg {
+    Off,
+    Host,
+    All,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -164,7 +186,7 @@ enum What {
     Stats,
     /// Every map: type, entries, capacity.
     Maps,
-    /// The interfaces the programs are attached to, and with which hook.
+    /// The interfaces and cgroups the programs are attached to, and with which hook.
     Interfaces,
 }
 
@@ -350,6 +372,12 @@ fn run(args: RunArgs, pin_dir: PathBuf) -> Result<()> {
         manifest_limits: lb_userspace::sources::manifests::Limits { max_file_bytes: args.max_manifest_bytes },
         node_port_range: args.node_port_range,
         external_ip_cidrs: args.external_ip_cidrs,
+        socket_lb: match args.socket_lb {
+            SocketLbArg::Off => socket_lb::Mode::Off,
+            SocketLbArg::Host => socket_lb::Mode::Host,
+            SocketLbArg::All => socket_lb::Mode::All,
+        },
+        cgroup_root: args.cgroup_root,
     };
     // Two workers: a sync holds one (`block_in_place`), the HTTP servers and
     // the watchers keep the other.

@@ -15,7 +15,7 @@ use aya::{
 use ipnet::Ipv4Net;
 use lb_common::{
     AffinityEntry, AffinityKey, AffinityMatchKey, Backend, Config, CtEntry, CtKey, Frontend, FrontendKey,
-    ServiceName, SlotKey, SourceRangeKey, SvcStats,
+    ServiceName, SlotKey, SockKey, SockService, SourceRangeKey, SvcStats,
     registry::{self as reg, MapDef},
 };
 
@@ -36,6 +36,7 @@ pub struct Maps {
     pub svc_stats: PerCpuArray<MapData, SvcStats>,
     pub drops: PerCpuArray<MapData, u64>,
     pub events: PerCpuArray<MapData, u64>,
+    pub sock_rev: HashMap<MapData, SockKey, SockService>,
     /// Each map's capacity as the kernel created it.
     capacities: BTreeMap<&'static str, u32>,
 }
@@ -97,6 +98,7 @@ impl Maps {
             svc_stats: typed!(reg::SVC_STATS),
             drops: typed!(reg::DROPS),
             events: typed!(reg::EVENTS),
+            sock_rev: typed!(reg::SOCK_REV),
             capacities,
         })
     }
@@ -135,6 +137,7 @@ impl Maps {
             n if n == reg::SERVICES.name => self.services.keys().count(),
             n if n == reg::CONNTRACK.name => self.conntrack.keys().count(),
             n if n == reg::AFFINITY.name => self.affinity.keys().count(),
+            n if n == reg::SOCK_REV.name => self.sock_rev.keys().count(),
             _ => return None,
         })
     }

@@ -49,6 +49,8 @@ pub struct Telemetry {
     pub refused: AtomicU64,
     /// Desired frontends left out at the last sync: a map is full.
     pub unprogrammed: AtomicU64,
+    /// Connected UDP sockets destroyed because their backend went away.
+    pub sockets_terminated: AtomicU64,
     sync_seconds: Mutex<Histogram>,
 }
 
@@ -65,6 +67,7 @@ impl Telemetry {
             backends: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             unprogrammed: AtomicU64::new(0),
+            sockets_terminated: AtomicU64::new(0),
             sync_seconds: Mutex::new(Histogram::new(buckets)),
         })
     }
@@ -200,6 +203,11 @@ impl Telemetry {
         );
         reg.register("syncs", "Syncs applied", counter(&self.syncs));
         reg.register("sync_errors", "Syncs that failed", counter(&self.sync_errors));
+        reg.register(
+            "sockets_terminated",
+            "Connected UDP sockets destroyed because the backend the socket hooks gave them went away",
+            counter(&self.sockets_terminated),
+        );
         reg.register(
             "sync_duration_seconds",
             "Time from a change to the maps",

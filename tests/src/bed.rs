@@ -107,7 +107,7 @@ impl Bed {
             std::process::id(),
             RUN.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut ebpf = loader::load(&pin_dir, &options.capacities)?;
+        let mut ebpf = loader::load(&pin_dir, &options.capacities, Default::default())?;
         lb_userspace::attach::load_programs(&mut ebpf)?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
         let node = IpAddr::from(NODE_ADDR);

@@ -248,7 +248,7 @@ fn plan_synthetic(n: u32, per: u32) -> Result<Vec<reconciler::Op>> {
 
 pub fn load_lb(n: u32, per: u32) -> Result<(Loaded, Duration)> {
     let bpffs = Bpffs::new()?;
-    let mut ebpf = loader::load(&bpffs.dir.join("lb"), &caps_for(n, per))?;
+    let mut ebpf = loader::load(&bpffs.dir.join("lb"), &caps_for(n, per), Default::default())?;
     lb_userspace::attach::load_programs(&mut ebpf)?;
     let mut maps = Maps::from_ebpf(&mut ebpf)?;
     let started = Instant::now();
@@ -263,7 +263,7 @@ pub fn load_lb(n: u32, per: u32) -> Result<(Loaded, Duration)> {
 /// ranges) are skipped.
 pub fn load_baseline(object: &[u8], n: u32, per: u32) -> Result<Loaded> {
     let bpffs = Bpffs::new()?;
-    let mut ebpf = loader::load_object(object, &bpffs.dir.join("lb"), &caps_for(n, per))?;
+    let mut ebpf = loader::load_object(object, &bpffs.dir.join("lb"), &caps_for(n, per), Default::default())?;
     lb_userspace::attach::load_programs(&mut ebpf)?;
     let mut maps = BaselineMaps {
         services: aya::maps::HashMap::try_from(ebpf.take_map("lb_services").context("lb_services")?)?,

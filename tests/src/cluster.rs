@@ -31,7 +31,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::netns::{Agent, Bpffs, Netns, run, unique, veth, wait_for};
+use crate::netns::{Agent, Bpffs, Cgroup, HostProcess, Netns, Place, run, unique, veth, wait_for};
 
 /// The demo's and the scenarios' pods.
 pub fn standard_pods() -> Vec<PodSpec> {
@@ -96,6 +96,9 @@ pub struct Cluster {
     // Drop order matters: agents and servers stop before their namespaces go.
     pub agents: Vec<Option<Agent>>,
     pub pods: Vec<Pod>,
+    /// Each node's cgroup: its agent and "host" processes run in it, and
+    /// the agent's socket hooks attach to it.
+    pub cgroups: Vec<Cgroup>,
     pub client: Netns,
     /// Another external client, for affinity checks.
     pub client2: Netns,
@@ -137,6 +140,7 @@ impl Cluster {
         let mut cluster = Self {
             agents: Vec::new(),
             pods: Vec::new(),
+            cgroups: vec![Cgroup::new("cg")?, Cgroup::new("cg")?],
             client: Netns::new("c")?,
             client2: Netns::new("c")?,
             nodes: vec![Netns::new("n")?, Netns::new("n")?],
@@ -277,10 +281,17 @@ impl Cluster {
 
     /// Starts node `node`'s agent with `--acceleration acceleration`.
     pub fn start_agent_with(&self, node: usize, acceleration: &str) -> Result<Agent> {
+        self.start_agent_args(node, &["--acceleration", acceleration])
+    }
+
+    /// Starts node `node`'s agent as a DaemonSet would (in the node's
+    /// cgroup, its socket hooks on it), with `extra` arguments.
+    pub fn start_agent_args(&self, node: usize, extra: &[&str]) -> Result<Agent> {
         let pin = self.pin_dir(node);
         let manifests = self.manifests.to_string_lossy().into_owned();
         let pin = pin.to_string_lossy().into_owned();
-        let args = [
+        let cgroup = self.cgroups[node].dir.to_string_lossy().into_owned();
+        let mut args = vec![
             "run",
             "--manifests",
             &manifests,
@@ -292,10 +303,16 @@ impl Cluster {
             "lbp-*",
             "--pin-dir",
             &pin,
-            "--acceleration",
-            acceleration,
+            "--cgroup-root",
+            &cgroup,
         ];
-        Agent::start(&self.nodes[node], &args)
+        args.extend_from_slice(extra);
+        Agent::start_in(&self.nodes[node], &args, Some(&self.cgroups[node]))
+    }
+
+    /// Node `node`'s own processes (host network, the node's cgroup).
+    pub fn host(&self, node: usize) -> HostProcess<'_> {
+        HostProcess { ns: &self.nodes[node], cgroup: &self.cgroups[node] }
     }
 
     /// Waits until both agents have synced since they (re)started.
@@ -324,7 +341,7 @@ impl Cluster {
     /// `count` HTTP requests from `ns`, each on a new connection; the answer
     /// of each (a pod name), or `error <curl exit code>` (7: refused, 28:
     /// timed out).
-    pub fn http(ns: &Netns, url: &str, count: usize) -> Result<Vec<String>> {
+    pub fn http(ns: &impl Place, url: &str, count: usize) -> Result<Vec<String>> {
         let mut out = Vec::with_capacity(count);
         // One curl for many requests; `Connection: close` makes each a new
         // TCP connection from a new source port. Each transfer ends with
@@ -350,7 +367,7 @@ impl Cluster {
     }
 
     /// One HTTP request; `Err` carries curl's exit code (7: refused, 28: timeout).
-    pub fn http_once(ns: &Netns, url: &str, timeout_s: u32) -> Result<String, i32> {
+    pub fn http_once(ns: &impl Place, url: &str, timeout_s: u32) -> Result<String, i32> {
         let output =
             ns.cmd("curl").args(["-s", "-m", &timeout_s.to_string(), url]).output().map_err(|_| -1)?;
         if output.status.success() {
@@ -360,9 +377,19 @@ impl Cluster {
         }
     }
 
-    pub fn udp(ns: &Netns, to: &str, count: usize) -> Result<Vec<String>> {
-        let out = run(ns.cmd(helper()).args(["udp", to, &count.to_string()]))?;
+    pub fn udp(ns: &impl Place, to: &str, count: usize) -> Result<Vec<String>> {
+        Self::netcheck(ns, &["udp", to, &count.to_string()])
+    }
+
+    /// `lb-netcheck args` at `place`: its output lines.
+    pub fn netcheck(place: &impl Place, args: &[&str]) -> Result<Vec<String>> {
+        let out = run(place.cmd(helper()).args(args))?;
         Ok(out.lines().map(str::to_owned).collect())
+    }
+
+    /// Starts `lb-netcheck args` at `place`, its output piped.
+    pub fn netcheck_spawn(place: &impl Place, args: &[&str]) -> Result<Child> {
+        Ok(place.cmd(helper()).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?)
     }
 
     /// Starts a long-lived echo stream from `ns` to `to` for `seconds`.
@@ -404,6 +431,7 @@ impl Drop for Cluster {
         // pods' servers, then the namespaces (fields drop in order).
         self.agents.clear();
         self.pods.clear();
+        self.cgroups.clear();
         let _ = std::fs::remove_dir_all(&self.manifests);
     }
 }

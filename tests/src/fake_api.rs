@@ -2,7 +2,8 @@
 //! it answers list and watch requests for Services, EndpointSlices and
 //! Nodes from an object store the test edits, streams watch events to open
 //! watches, and can drop connections, expire resource versions (410 Gone)
-//! or be unreachable (503).
+//! or be unreachable (503). In process (`client`), or over HTTP on a
+//! listener (`serve`) for an agent process.
 
 use std::{
     collections::BTreeMap,
@@ -116,13 +117,50 @@ impl FakeApi {
         let api = self.clone();
         let service = tower::service_fn(move |req: Request<kube::client::Body>| {
             let api = api.clone();
-            async move { Ok::<_, Infallible>(api.handle(req)) }
+            async move { Ok::<_, Infallible>(api.handle(req.uri())) }
         });
         kube::Client::new(service, "default")
     }
 
-    fn handle(&self, req: Request<kube::client::Body>) -> Response<Body> {
-        let uri = req.uri().clone();
+    /// Serves this fake over plain HTTP on `listener` (bound by the caller,
+    /// e.g. inside a test namespace), from a thread of its own, until the
+    /// returned guard is dropped.
+    pub fn serve(&self, listener: std::net::TcpListener) -> std::io::Result<Served> {
+        listener.set_nonblocking(true)?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let api = self.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
+                tokio::pin!(stopped);
+                loop {
+                    let (stream, _) = tokio::select! {
+                        _ = &mut stopped => return,
+                        accepted = listener.accept() => match accepted {
+                            Ok(a) => a,
+                            Err(_) => continue,
+                        },
+                    };
+                    let api = api.clone();
+                    tokio::spawn(async move {
+                        let service =
+                            hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                                let api = api.clone();
+                                async move { Ok::<_, Infallible>(api.handle(req.uri())) }
+                            });
+                        let io = hyper_util::rt::TokioIo::new(stream);
+                        let _ =
+                            hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+                    });
+                }
+            });
+        });
+        Ok(Served(Some(stop)))
+    }
+
+    fn handle(&self, uri: &http::Uri) -> Response<Body> {
+        let uri = uri.clone();
         let mut s = self.0.lock().unwrap();
         s.requests.push(uri.to_string());
         if s.down {
@@ -242,6 +280,17 @@ impl FakeApi {
 
     pub fn open_watches(&self) -> usize {
         self.0.lock().unwrap().watches.iter().filter(|(_, _, tx)| !tx.is_closed()).count()
+    }
+}
+
+/// Stops `FakeApi::serve` when dropped.
+pub struct Served(Option<tokio::sync::oneshot::Sender<()>>);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(stop) = self.0.take() {
+            let _ = stop.send(());
+        }
     }
 }
 

@@ -20,8 +20,11 @@
 //! eth0 and sends UDP frames to the services, each written whole from a
 //! template (the pages come back with whatever the node wrote); the pod
 //! counts and drops them with `floor_drop`, in generic (skb) mode so that it
-//! sees every way in: through the veth, or redirected into the pod. Connections per second: `wrk` in the client against
-//! `lb-netcheck http-close` in the pod.
+//! sees every way in: through the veth, or redirected into the pod.
+//! Connections per second: `wrk` in the client against `lb-netcheck
+//! http-close` in the pod; from the node itself, `wrk` in the node's
+//! namespace (inside the agent's cgroup, where its socket hooks attach;
+//! kube-proxy's rules serve it from their OUTPUT chains).
 
 use std::{
     net::Ipv4Addr,
@@ -42,7 +45,7 @@ use lb_userspace::loader::FLOOR_OBJECT;
 use crate::{
     bench::{self, Proto, endpoints_of, vip_of, write_manifests},
     kube_proxy,
-    netns::{Agent, Bpffs, Netns, agent_binary, run, unique, veth, wait_for},
+    netns::{Agent, Bpffs, Cgroup, HostProcess, Netns, Place, agent_binary, run, unique, veth, wait_for},
     packet::{CLIENT_MAC, NODE_MAC},
 };
 
@@ -50,6 +53,8 @@ const POD_MAC: &str = "02:00:00:00:01:01";
 const GATEWAY_MAC: &str = "ee:ee:ee:ee:ee:ee";
 /// Link-local next hop both ways between node and pod (Calico style).
 const LINK_GW: &str = "169.254.1.1";
+/// The node's default route points here; nobody answers.
+const NOWHERE: &str = "192.0.2.254";
 const ENDPOINTS_PER_SERVICE: u32 = 10;
 /// Frames per generator test run; runs repeat until the time is up.
 const GEN_BATCH: u32 = 8192;
@@ -98,6 +103,8 @@ pub struct Lane {
     // Drop order: processes before their namespaces, the bpffs last.
     agent: Option<Agent>,
     server: Option<Child>,
+    /// The agent lanes' cgroup: the agent and the node's own clients.
+    cgroup: Option<Cgroup>,
     pub client: Netns,
     pub node: Netns,
     pub pod: Netns,
@@ -200,6 +207,10 @@ impl Lanes {
         // reach each other through a fixed neighbour, without ARP.
         node.ip(&["neigh", "add", LINK_GW, "lladdr", POD_MAC, "dev", "pod0", "nud", "permanent"])?;
         node.ip(&["route", "add", kube_proxy::CLUSTER_CIDR, "via", LINK_GW, "dev", "pod0", "onlink"])?;
+        // As on any node, a default route (toward an address nobody has):
+        // the node's own connections to service addresses need one before
+        // kube-proxy's OUTPUT rules rewrite them.
+        node.ip(&["route", "add", "default", "via", NOWHERE])?;
         pod.ip(&["link", "set", "eth0", "address", POD_MAC])?;
         pod.ip(&["neigh", "add", LINK_GW, "lladdr", GATEWAY_MAC, "dev", "eth0", "nud", "permanent"])?;
         pod.ip(&["route", "add", "default", "via", LINK_GW, "dev", "eth0", "onlink"])?;
@@ -224,6 +235,7 @@ impl Lanes {
             node,
             pod,
             client_ifindex,
+            cgroup: None,
             _bpffs: None,
         };
         let started = Instant::now();
@@ -233,8 +245,10 @@ impl Lanes {
                     attach(&mut self.floor, &lane.node, "floor_pass", XdpMode::Default)?;
                 }
                 let bpffs = Bpffs::new()?;
-                let agent = self.start_agent(&lane.node, &bpffs, dataplane)?;
+                let cgroup = Cgroup::new("cg")?;
+                let agent = self.start_agent(&lane.node, &bpffs, &cgroup, dataplane)?;
                 lane.agent = Some(agent);
+                lane.cgroup = Some(cgroup);
                 lane._bpffs = Some(bpffs);
             }
             Dataplane::Iptables => {
@@ -257,13 +271,20 @@ impl Lanes {
         core::array::from_fn(|i| self.lanes[i].load.as_secs_f64())
     }
 
-    fn start_agent(&self, node: &Netns, bpffs: &Bpffs, dataplane: Dataplane) -> Result<Agent> {
+    fn start_agent(
+        &self,
+        node: &Netns,
+        bpffs: &Bpffs,
+        cgroup: &Cgroup,
+        dataplane: Dataplane,
+    ) -> Result<Agent> {
         let n = self.services;
         let per = ENDPOINTS_PER_SERVICE;
         let size = |x: u32| (x + 1024).next_power_of_two().to_string();
         let (frontends, backends) = (size(n), size(n * per));
         let manifests = self.manifests.to_string_lossy().into_owned();
         let pin = bpffs.dir.join("lb").to_string_lossy().into_owned();
+        let cgroup_dir = cgroup.dir.to_string_lossy().into_owned();
         let args = [
             "run",
             "--manifests",
@@ -288,8 +309,10 @@ impl Lanes {
             "127.0.0.1:0",
             "--acceleration",
             if dataplane == Dataplane::AgentXdp { "xdp" } else { "tc" },
+            "--cgroup-root",
+            &cgroup_dir,
         ];
-        let agent = Agent::start(node, &args)?;
+        let agent = Agent::start_in(node, &args, Some(cgroup))?;
         let want = format!("synced frontends={n} ");
         if wait_for(Duration::from_secs(300), || agent.log().contains(&want).then_some(())).is_none() {
             bail!("agent did not program {n} services:\n{}", agent.log());
@@ -359,6 +382,21 @@ impl Lanes {
     /// for `secs`, four threads on four services spread over the table
     /// (`direct`: on the first endpoint of each instead, untranslated).
     pub fn cps(&self, i: usize, secs: u32, direct: bool) -> Result<CpsRun> {
+        self.wrk(&self.lanes[i].client, i, secs, direct)
+    }
+
+    /// The same from the node's own namespace (a host-network client):
+    /// inside the agent's cgroup on the agent lanes, through the OUTPUT
+    /// chains on the netfilter lanes.
+    pub fn host_cps(&self, i: usize, secs: u32, direct: bool) -> Result<CpsRun> {
+        let lane = &self.lanes[i];
+        match &lane.cgroup {
+            Some(cgroup) => self.wrk(&HostProcess { ns: &lane.node, cgroup }, i, secs, direct),
+            None => self.wrk(&lane.node, i, secs, direct),
+        }
+    }
+
+    fn wrk(&self, from: &impl Place, i: usize, secs: u32, direct: bool) -> Result<CpsRun> {
         ensure!(self.proto == Proto::Tcp, "wrk needs the TCP services");
         let n = self.services;
         let targets: Vec<String> = (0..4)
@@ -378,7 +416,7 @@ impl Lanes {
         )?;
         let lane = &self.lanes[i];
         let soft0 = softirq_secs()?;
-        let out = run(lane.client.cmd("wrk").args([
+        let out = run(from.cmd("wrk").args([
             "-t4",
             "-c64",
             &format!("-d{secs}s"),

@@ -1,7 +1,8 @@
-//! Network namespaces, veth pairs, a private bpffs and agent processes for
-//! real-traffic tests. Everything is created inside namespaces this harness
-//! makes (never in the machine's own), named with a per-run prefix, and
-//! removed on drop, also when a test fails.
+//! Network namespaces, veth pairs, cgroups, a private bpffs and agent
+//! processes for real-traffic tests. Everything is created inside
+//! namespaces (and child cgroups) this harness makes, never the machine's
+//! own, named with a per-run prefix, and removed on drop, also when a test
+//! fails.
 
 use std::{
     fs::File,
@@ -42,6 +43,14 @@ pub fn cleanup_run() {
     if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
         for e in entries.flatten() {
             if e.file_name().to_string_lossy().starts_with(&prefix) {
+                // A cgroup mount: its test cgroups go first (they outlive the mount).
+                if e.path().join("cgroup.procs").exists() {
+                    for sub in std::fs::read_dir(e.path()).into_iter().flatten().flatten() {
+                        if sub.file_name().to_string_lossy().starts_with(&prefix) {
+                            Cgroup::remove(&sub.path());
+                        }
+                    }
+                }
                 let _ = Command::new("umount").arg("-l").arg(e.path()).status();
                 let _ = std::fs::remove_dir_all(e.path());
             }
@@ -157,6 +166,38 @@ impl Netns {
     }
 }
 
+/// Where a test command runs: a namespace, or a node's host processes.
+pub trait Place {
+    fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command;
+}
+
+impl<T: Place> Place for &T {
+    fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        (**self).cmd(program)
+    }
+}
+
+impl Place for Netns {
+    fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        Netns::cmd(self, program)
+    }
+}
+
+/// A node's own namespace, inside the node's cgroup: where the kubelet
+/// and hostNetwork pods run.
+pub struct HostProcess<'a> {
+    pub ns: &'a Netns,
+    pub cgroup: &'a Cgroup,
+}
+
+impl Place for HostProcess<'_> {
+    fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = self.ns.cmd(program);
+        self.cgroup.adopt(&mut cmd).expect("the test cgroup's cgroup.procs opens");
+        cmd
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
@@ -193,6 +234,67 @@ impl Drop for Bpffs {
 }
 
 /// The `lb-agent` binary built beside the test binaries.
+/// A child cgroup of the machine's cgroup v2 hierarchy, for a node's
+/// "host" processes: the socket hooks of that node's agent attach here
+/// (never to the root). The hierarchy is mounted again under the temp dir
+/// for it, since `ip netns exec` hides /sys/fs/cgroup from the commands it
+/// runs. On drop its processes are killed, the cgroup removed and the
+/// mount undone.
+pub struct Cgroup {
+    pub dir: PathBuf,
+    mount: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new(tag: &str) -> Result<Self> {
+        let mount = std::env::temp_dir().join(unique("cgmnt"));
+        std::fs::create_dir_all(&mount)?;
+        run(Command::new("mount").args(["-t", "cgroup2", "none"]).arg(&mount))
+            .context("mounting cgroup v2: the socket tests need it")?;
+        let cgroup = Self { dir: mount.join(unique(tag)), mount };
+        std::fs::create_dir(&cgroup.dir)
+            .with_context(|| format!("creating cgroup {}", cgroup.dir.display()))?;
+        Ok(cgroup)
+    }
+
+    /// Makes `cmd`'s process start inside this cgroup.
+    pub fn adopt<'c>(&self, cmd: &'c mut Command) -> Result<&'c mut Command> {
+        use std::os::unix::process::CommandExt as _;
+        let procs = std::fs::OpenOptions::new().write(true).open(self.dir.join("cgroup.procs"))?;
+        // SAFETY: between fork and exec only write(2) on an fd opened
+        // before the fork: async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                // "0" moves the writing process.
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        Ok(cmd)
+    }
+
+    fn remove(dir: &Path) {
+        // cgroup.kill (5.14+) ends whatever is left, then the directory can go.
+        let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+        for _ in 0..100 {
+            if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        Self::remove(&self.dir);
+        let _ = Command::new("umount").arg(&self.mount).status();
+        let _ = std::fs::remove_dir(&self.mount);
+    }
+}
+
 pub fn agent_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("own binary path");
     // Beside the demo (target/<profile>/), or one up from a test binary
@@ -215,11 +317,35 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Starts `lb-agent args` in `ns`. The socket hooks stay off unless the
+    /// arguments give the agent a cgroup of its own (`--cgroup-root`): a
+    /// test never attaches to the machine's cgroup root.
     pub fn start<S: AsRef<std::ffi::OsStr>>(ns: &Netns, args: &[S]) -> Result<Self> {
+        Self::start_in(ns, args, None)
+    }
+
+    /// `start`, with the agent's own process inside `cgroup` (as a
+    /// DaemonSet's agent is inside the root its hooks serve).
+    pub fn start_in<S: AsRef<std::ffi::OsStr>>(
+        ns: &Netns,
+        args: &[S],
+        cgroup: Option<&Cgroup>,
+    ) -> Result<Self> {
+        let given = |flag: &str| args.iter().any(|a| a.as_ref() == flag);
+        let hooks_on = args.windows(2).any(|w| w[0].as_ref() == "--socket-lb" && w[1].as_ref() != "off");
+        if hooks_on && !given("--cgroup-root") {
+            bail!("a test agent with socket hooks needs --cgroup-root: never the machine's own root");
+        }
         let log = std::env::temp_dir().join(format!("{}.log", unique("agent")));
         let out = File::create(&log)?;
-        let child = ns
-            .cmd(agent_binary())
+        let mut cmd = ns.cmd(agent_binary());
+        if !given("--cgroup-root") {
+            cmd.env("LB_SOCKET_LB", "off");
+        }
+        if let Some(cgroup) = cgroup {
+            cgroup.adopt(&mut cmd)?;
+        }
+        let child = cmd
             .args(args)
             // LB_TEST_AGENT_LOG=debug shows the programs' own messages too.
             .env("LB_LOG", std::env::var("LB_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()))

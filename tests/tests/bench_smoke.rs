@@ -20,6 +20,7 @@ fn bench_quick_mode_writes_every_table() {
         "### First packet of a new flow",
         "## 2. Packets per second",
         "## 3. Short TCP connections",
+        "## 3b. Short TCP connections from the node itself",
         "## 4. Control plane",
         "## Raw figures",
     ] {
@@ -33,4 +34,8 @@ fn bench_quick_mode_writes_every_table() {
     assert!(md.lines().any(|l| l.starts_with("| 100 | new flow per frame | ")), "{md}");
     assert!(md.lines().any(|l| l.starts_with("| 100 | ") && l.matches('|').count() >= 12), "{md}");
     assert!(md.lines().any(|l| l.starts_with("| 100 | tcp | ") && l.ends_with(" s |")), "{md}");
+    // From the node: socket hooks, iptables, nftables and the ceiling, all with figures.
+    let host = md.split("## 3b.").nth(1).expect("part 3b");
+    let row = host.lines().find(|l| l.starts_with("| 100 | ")).unwrap_or_else(|| panic!("{host}"));
+    assert!(row.split('|').skip(2).take(4).all(|c| c.trim().parse::<f64>().is_ok_and(|v| v > 0.0)), "{row}");
 }

@@ -109,7 +109,17 @@ fn daemonset_runs_the_agent_as_the_bound_service_account() {
     let env: Vec<_> = agent.env.iter().flatten().map(|e| e.name.as_str()).collect();
     assert!(env.contains(&"NODE_NAME"), "node name from the downward API");
     let mounts: Vec<_> = agent.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
-    assert!(mounts.contains(&"/sys/fs/bpf") && mounts.contains(&"/sys/fs/cgroup"), "{mounts:?}");
+    assert!(mounts.contains(&"/sys/fs/bpf"), "{mounts:?}");
+    // The socket hooks attach to the host's cgroup root, mounted where the
+    // ConfigMap says (a kube-proxy-free node needs them).
+    let (f, config) = find("ConfigMap");
+    let config: ConfigMap = strict(config, f);
+    let data = config.data.unwrap();
+    assert_eq!(data.get("LB_SOCKET_LB").map(String::as_str), Some("host"));
+    let cgroup_root = data.get("LB_CGROUP_ROOT").expect("LB_CGROUP_ROOT");
+    assert!(mounts.contains(&cgroup_root.as_str()), "{cgroup_root} is mounted: {mounts:?}");
+    let cgroup_volume = pod.volumes.iter().flatten().find(|v| v.name == "cgroup").expect("a cgroup volume");
+    assert_eq!(cgroup_volume.host_path.as_ref().map(|h| h.path.as_str()), Some("/sys/fs/cgroup"));
     assert!(agent.liveness_probe.is_some() && agent.readiness_probe.is_some());
 }
 

@@ -206,6 +206,20 @@ impl Reconciler {
         Summary { frontends: self.frontends.len(), backends: self.backends.len() }
     }
 
+    /// Frontend id → the (address, port) of the backends new connections
+    /// may get: a socket the hooks connected elsewhere points at a gone
+    /// backend.
+    pub fn live_backends(&self) -> crate::socket_lb::LiveBackends {
+        let by_id: HashMap<u32, &Backend> = self.backends.values().map(|(id, b)| (*id, b)).collect();
+        self.frontends
+            .values()
+            .map(|f| {
+                let live = f.slots.iter().filter_map(|id| by_id.get(id)).map(|b| (b.addr, b.port)).collect();
+                (f.value.id, live)
+            })
+            .collect()
+    }
+
     fn alloc_frontend_id(&mut self) -> Result<u32> {
         if let Some(id) = self.free_frontend_ids.pop_first() {
             return Ok(id);

@@ -322,6 +322,10 @@ fn main() -> Result<()> {
     // Per service count: the medians, and the TC agent's share of the
     // ceiling measured in the same rounds (which moves with the machine).
     let mut cps_by_n: Vec<(u32, [f64; DATAPLANES], f64)> = Vec::new();
+    // From the node itself: TC lane's agent (socket hooks), iptables,
+    // nftables, ceiling; and the agent's share of the ceiling.
+    let mut host_by_n: Vec<(u32, [f64; 4], f64)> = Vec::new();
+    let mut host_rows = String::new();
     let mut rule_change: [Vec<Duration>; 2] = Default::default();
     for &n in &plan.lane_services {
         eprintln!("bench: connections per second, {n} services");
@@ -368,6 +372,36 @@ fn main() -> Result<()> {
         let list: Vec<String> = ceiling.iter().map(|x| format!("{:.0}", x.cps)).collect();
         writeln!(raw, "- conn/s, {n} services, ceiling: {}", list.join(", "))?;
         cps_by_n.push((n, cps, share));
+        eprintln!("bench: connections per second from the node, {n} services");
+        let mut host: [Vec<f64>; 4] = Default::default();
+        let mut host_share = Vec::new();
+        for _ in 0..plan.lane_rounds {
+            let agent = lanes.host_cps(TC, plan.cps_secs, false)?.cps;
+            let ipt = lanes.host_cps(IPT, plan.cps_secs, false)?.cps;
+            let nft = lanes.host_cps(NFT, plan.cps_secs, false)?.cps;
+            let top = lanes.host_cps(TC, plan.cps_secs, true)?.cps;
+            host_share.push(agent / top);
+            for (v, x) in host.iter_mut().zip([agent, ipt, nft, top]) {
+                v.push(x);
+            }
+        }
+        for (name, v) in ["socket hooks", "iptables OUTPUT", "nftables output", "ceiling"].iter().zip(&host) {
+            let list: Vec<String> = v.iter().map(|x| format!("{x:.0}")).collect();
+            writeln!(raw, "- conn/s from the node, {n} services, {name}: {}", list.join(", "))?;
+        }
+        let h = host.each_ref().map(|v| median(v.clone()));
+        let h_share = median(host_share);
+        writeln!(
+            host_rows,
+            "| {n} | {:.0} | {:.0} | {:.0} | {:.0} | {h_share:.2} | {:.2} | {:.2} |",
+            h[0],
+            h[1],
+            h[2],
+            h[3],
+            h[0] / h[1],
+            h[0] / h[2]
+        )?;
+        host_by_n.push((n, h, h_share));
         if n == max_lane {
             eprintln!("bench: kube-proxy rule updates, {n} services");
             for round in 0..plan.rule_changes {
@@ -377,6 +411,24 @@ fn main() -> Result<()> {
             }
         }
     }
+
+    writeln!(md, "\n## 3b. Short TCP connections from the node itself\n")?;
+    writeln!(
+        md,
+        "Method: the same lanes and load (`wrk -t4 -c64 -d{secs}s`, `Connection: close`, four services at 1/8 \
+         ... 7/8 of the table), with `wrk` in the node's own namespace, as the kubelet or a hostNetwork pod \
+         would connect: on the TC lane inside the agent's cgroup, where its socket hooks translate each \
+         connect() (`--socket-lb host`); on the netfilter lanes through kube-proxy's nat OUTPUT chains. \
+         *Ceiling*: the same load from the node straight to the pods' addresses. Medians of {rounds} runs.\n",
+        secs = plan.cps_secs,
+        rounds = plan.lane_rounds,
+    )?;
+    writeln!(
+        md,
+        "| services | socket hooks conn/s | iptables | nftables | ceiling | hooks ÷ ceiling | hooks ÷ ipt | hooks ÷ nft |"
+    )?;
+    writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    md.push_str(&host_rows);
 
     // 4. Control plane (the agent's part was measured first, on a quiet machine).
     writeln!(md, "\n## 4. Control plane\n")?;
@@ -507,6 +559,22 @@ fn main() -> Result<()> {
             "see the ceiling column: the load generator and the server take most of the two cores.",
         ));
     }
+    let host_spread = spread_of(host_by_n.iter().map(|(_, h, _)| h[0]).collect());
+    let host_share_spread = spread_of(host_by_n.iter().map(|(_, _, s)| *s).collect());
+    goals.push((
+        "conn/s from the node flat within 5% across service counts".into(),
+        format!("{host_spread:.1}% (as a share of the ceiling: {host_share_spread:.1}%)"),
+        host_spread <= 5.0,
+        "the hooks' work per connect() is one hash lookup and one choice whatever the table's size; the \
+         ceiling moves with the machine between blocks of runs (raw figures below).",
+    ));
+    let host_worst_vs_nft = host_by_n.iter().map(|(_, h, _)| h[0] / h[2]).fold(f64::MAX, f64::min);
+    goals.push((
+        "conn/s from the node at least nftables' at every service count".into(),
+        format!("lowest {host_worst_vs_nft:.2}×"),
+        host_worst_vs_nft >= 1.0,
+        "see the ceiling column: wrk and the server take most of the two cores.",
+    ));
     goals.push((
         format!("{} services programmed in under 2 s", cp.services),
         format!("{startup:.2} s"),

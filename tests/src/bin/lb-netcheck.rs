@@ -11,6 +11,14 @@
 //!   error and exits non-zero.
 //! - `http-close PORT`: the benchmark's server: answers every HTTP request
 //!   with a fixed 200 and closes the connection, on two threads.
+//! - `connect ADDR:PORT`: one TCP connect(): `ok`, `refused` or the error,
+//!   then the milliseconds it took, then the peer getpeername() gives.
+//! - `udp-from ADDR:PORT COUNT`: datagrams from one unconnected socket;
+//!   each answer with the address recvfrom() says it came from.
+//! - `udp-peer ADDR:PORT`: a connected UDP socket's getpeername().
+//! - `udp-hold ADDR:PORT MILLIS`: a connected UDP socket asking every 20 ms,
+//!   as a long-lived client does; when the socket fails it reports the
+//!   error and connects a new one. Prints `<ms since start> <answer>`.
 
 use std::{
     io::{ErrorKind, Read, Write},
@@ -27,8 +35,13 @@ fn main() -> Result<()> {
         ["udp", to, count] => udp(to, count.parse()?),
         ["stream", to, seconds] => stream(to, Duration::from_secs(seconds.parse()?)),
         ["http-close", port] => http_close(port.parse()?),
+        ["connect", to] => connect(to),
+        ["udp-from", to, count] => udp_from(to, count.parse()?),
+        ["udp-peer", to] => udp_peer(to),
+        ["udp-hold", to, millis] => udp_hold(to, Duration::from_millis(millis.parse()?)),
         _ => bail!(
-            "usage: lb-netcheck serve NAME | udp ADDR:PORT COUNT | stream ADDR:PORT SECONDS | http-close PORT"
+            "usage: lb-netcheck serve NAME | udp ADDR:PORT COUNT | stream ADDR:PORT SECONDS | http-close PORT \
+             | connect ADDR:PORT | udp-from ADDR:PORT COUNT | udp-peer ADDR:PORT | udp-hold ADDR:PORT MILLIS"
         ),
     }
 }
@@ -134,5 +147,75 @@ fn http_close(port: u16) -> Result<()> {
     let second = listener.try_clone()?;
     std::thread::spawn(move || serve(second));
     serve(listener);
+    Ok(())
+}
+
+fn connect(to: &str) -> Result<()> {
+    let started = Instant::now();
+    let result = TcpStream::connect_timeout(&to.parse()?, Duration::from_secs(2));
+    let ms = started.elapsed().as_millis();
+    match result {
+        Ok(conn) => println!("ok {ms} {}", conn.peer_addr()?),
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => println!("refused {ms}"),
+        Err(e) => println!("error {ms} {e}"),
+    }
+    Ok(())
+}
+
+fn udp_from(to: &str, count: u32) -> Result<()> {
+    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    for i in 0..count {
+        sock.send_to(format!("q{i}").as_bytes(), to)?;
+        let mut buf = [0u8; 1500];
+        match sock.recv_from(&mut buf) {
+            Ok((n, from)) => println!("{} {from}", String::from_utf8_lossy(&buf[..n])),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => println!("timeout"),
+            Err(e) => println!("error {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn udp_peer(to: &str) -> Result<()> {
+    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    sock.connect(to)?;
+    println!("{}", sock.peer_addr()?);
+    Ok(())
+}
+
+fn udp_hold(to: &str, duration: Duration) -> Result<()> {
+    let started = Instant::now();
+    let mut sock: Option<UdpSocket> = None;
+    let mut i = 0u64;
+    while started.elapsed() < duration {
+        let s = match sock.take() {
+            Some(s) => s,
+            None => {
+                let s = UdpSocket::bind("0.0.0.0:0")?;
+                s.connect(to)?;
+                s.set_read_timeout(Some(Duration::from_millis(200)))?;
+                s
+            }
+        };
+        i += 1;
+        let ms = started.elapsed().as_millis();
+        let mut buf = [0u8; 1500];
+        let answer = s.send(format!("h{i}").as_bytes()).and_then(|_| s.recv(&mut buf));
+        match answer {
+            Ok(n) => {
+                println!("{ms} {}", String::from_utf8_lossy(&buf[..n]));
+                sock = Some(s);
+            }
+            // No answer yet: the same socket asks again.
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                println!("{ms} timeout");
+                sock = Some(s);
+            }
+            // The socket was destroyed (or refused): a client connects anew.
+            Err(e) => println!("{ms} error {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     Ok(())
 }
