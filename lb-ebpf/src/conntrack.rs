@@ -25,8 +25,13 @@ pub fn lookup(key: &CtKey, tcp_flags: u8, now: u64) -> Option<CtEntry> {
     if entry.expired(key.proto, now) {
         return None;
     }
-    // A SYN on a closed flow is a new connection reusing the same ports.
+    // A SYN (or SYN-ACK) on a closed flow is a new connection reusing its
+    // ports: through a frontend again (it is opened anew), or straight to
+    // the backend's address (a socket hook translated it at connect(), or
+    // the client dialled the pod), whose packets this entry must not
+    // rewrite any more.
     if tcp_flags & ct_tcp::SYN != 0 && entry.closing() {
+        maps::conntrack_delete(key);
         return None;
     }
     let seen = entry.tcp | tcp_flags;

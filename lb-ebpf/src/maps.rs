@@ -149,6 +149,11 @@ pub fn conntrack_entry(key: &CtKey) -> Option<&'static mut CtEntry> {
     LB_CONNTRACK.get_ptr_mut(key).map(|p| unsafe { &mut *p })
 }
 
+pub fn conntrack_delete(key: &CtKey) {
+    // Gone already is as good.
+    let _ = LB_CONNTRACK.remove(key);
+}
+
 pub fn conntrack_insert(key: &CtKey, entry: &CtEntry, flags: u32) -> Result<(), i32> {
     LB_CONNTRACK.insert(key, entry, flags as u64)
 }

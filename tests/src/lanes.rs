@@ -108,6 +108,8 @@ pub struct Lane {
     pub client: Netns,
     pub node: Netns,
     pub pod: Netns,
+    /// The TC lane's two client pods: one per pod path (see `pod_cps`).
+    pub client_pods: Vec<Netns>,
     client_ifindex: u32,
     _bpffs: Option<Bpffs>,
 }
@@ -226,6 +228,11 @@ impl Lanes {
                     .context("starting the pod's server")
             })
             .transpose()?;
+        // The TC lane's client pods, for pods' connections to services.
+        let client_pods = match dataplane {
+            Dataplane::AgentTc => vec![client_pod(&node, 1)?, client_pod(&node, 2)?],
+            _ => Vec::new(),
+        };
         let mut lane = Lane {
             dataplane,
             load: Duration::ZERO,
@@ -234,6 +241,7 @@ impl Lanes {
             client,
             node,
             pod,
+            client_pods,
             client_ifindex,
             cgroup: None,
             _bpffs: None,
@@ -294,7 +302,7 @@ impl Lanes {
             "--external-interface",
             "eth0",
             "--pod-interfaces",
-            "pod0",
+            "pod*",
             "--pin-dir",
             &pin,
             "--max-frontends",
@@ -311,6 +319,10 @@ impl Lanes {
             if dataplane == Dataplane::AgentXdp { "xdp" } else { "tc" },
             "--cgroup-root",
             &cgroup_dir,
+            // The TC lane's client pod measures both pod paths: outside the
+            // cgroup per packet, inside it through the socket hooks.
+            "--socket-lb",
+            if dataplane == Dataplane::AgentTc { "all" } else { "host" },
         ];
         let agent = Agent::start_in(node, &args, Some(cgroup))?;
         let want = format!("synced frontends={n} ");
@@ -396,6 +408,26 @@ impl Lanes {
         }
     }
 
+    /// The same from a client pod of the TC lane, whose agent runs
+    /// `--socket-lb all`: `PerPacket` from a pod outside the agent's cgroup
+    /// (the pod hook translates every packet), `Sockets` from one inside it
+    /// (translated at connect()), `Ceiling` from that one straight to the
+    /// pods' addresses. Two pods, so that a server's TIME_WAIT for one path
+    /// never meets the other's connections (their TCP timestamps start from
+    /// offsets that differ with the destination the client dialled).
+    pub fn pod_cps(&self, secs: u32, path: PodPath) -> Result<CpsRun> {
+        let i = Dataplane::ALL.iter().position(|d| *d == Dataplane::AgentTc).expect("a TC lane");
+        let lane = &self.lanes[i];
+        let (Some(cgroup), [outside, inside]) = (&lane.cgroup, &lane.client_pods[..]) else {
+            bail!("the TC lane has two client pods and a cgroup")
+        };
+        match path {
+            PodPath::PerPacket => self.wrk(outside, i, secs, false),
+            PodPath::Sockets => self.wrk(&HostProcess { ns: inside, cgroup }, i, secs, false),
+            PodPath::Ceiling => self.wrk(&HostProcess { ns: inside, cgroup }, i, secs, true),
+        }
+    }
+
     fn wrk(&self, from: &impl Place, i: usize, secs: u32, direct: bool) -> Result<CpsRun> {
         ensure!(self.proto == Proto::Tcp, "wrk needs the TCP services");
         let n = self.services;
@@ -463,6 +495,27 @@ impl Lanes {
 }
 
 /// Attaches the floor object's `program` to `eth0` in `ns`.
+/// How a client pod reaches the services (`Lanes::pod_cps`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodPath {
+    PerPacket,
+    Sockets,
+    Ceiling,
+}
+
+/// Client pod `k` on `node` (10.64.0.1 + k, veth `pod<k>`), wired as the server pod.
+fn client_pod(node: &Netns, k: u8) -> Result<Netns> {
+    let pod = Netns::new("q")?;
+    let (host_if, addr) = (format!("pod{k}"), Ipv4Addr::new(10, 64, 0, 1 + k));
+    veth(node, &host_if, &pod, "eth0")?;
+    node.ip(&["link", "set", &host_if, "address", GATEWAY_MAC])?;
+    node.ip(&["route", "add", &format!("{addr}/32"), "dev", &host_if])?;
+    pod.ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
+    pod.ip(&["neigh", "add", LINK_GW, "lladdr", GATEWAY_MAC, "dev", "eth0", "nud", "permanent"])?;
+    pod.ip(&["route", "add", "default", "via", LINK_GW, "dev", "eth0", "onlink"])?;
+    Ok(pod)
+}
+
 fn attach(floor: &mut Ebpf, ns: &Netns, program: &str, mode: XdpMode) -> Result<XdpLinkId> {
     let p: &mut Xdp = floor.program_mut(program).context("floor program")?.try_into()?;
     ns.enter(|| p.attach(c"eth0", mode))?.with_context(|| format!("attaching {program}"))

@@ -21,6 +21,7 @@ fn bench_quick_mode_writes_every_table() {
         "## 2. Packets per second",
         "## 3. Short TCP connections",
         "## 3b. Short TCP connections from the node itself",
+        "## 3c. Short TCP connections from a pod",
         "## 4. Control plane",
         "## Raw figures",
     ] {
@@ -38,4 +39,8 @@ fn bench_quick_mode_writes_every_table() {
     let host = md.split("## 3b.").nth(1).expect("part 3b");
     let row = host.lines().find(|l| l.starts_with("| 100 | ")).unwrap_or_else(|| panic!("{host}"));
     assert!(row.split('|').skip(2).take(4).all(|c| c.trim().parse::<f64>().is_ok_and(|v| v > 0.0)), "{row}");
+    // From a pod: per packet, socket hooks, ceiling.
+    let pod = md.split("## 3c.").nth(1).expect("part 3c");
+    let row = pod.lines().find(|l| l.starts_with("| 100 | ")).unwrap_or_else(|| panic!("{pod}"));
+    assert!(row.split('|').skip(2).take(3).all(|c| c.trim().parse::<f64>().is_ok_and(|v| v > 0.0)), "{row}");
 }

@@ -276,6 +276,33 @@ fn closed_tcp_flow_starts_over_on_a_new_syn() {
 
 #[test]
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn a_direct_connection_reusing_a_closed_flows_ports_is_not_rewritten() {
+    let mut bed = bed();
+    bed.service(frontend(CLUSTER_IP, 80, L4::Tcp), FrontendKind::ClusterIp, &[Be::local(LOCAL_POD, 8080)])
+        .unwrap();
+    let (client, vip, pod) = ((POD_CLIENT, 40000), (CLUSTER_IP, 80), (LOCAL_POD, 8080));
+    // A service connection, closed from both ends.
+    bed.tc(&tcp(client, vip, "S", b"")).unwrap();
+    assert_eq!(parse_checked(&bed.tc(&tcp(pod, client, "SA", b"")).unwrap().frame).src, vip);
+    bed.tc(&tcp(pod, client, "FA", b"")).unwrap();
+    bed.tc(&tcp(client, vip, "FA", b"")).unwrap();
+    // The same client port, now straight to the pod (as the socket hooks
+    // connect, or a client dialling the pod): the pod's answers keep
+    // their own source.
+    assert_eq!(bed.tc(&tcp(client, pod, "S", b"")).unwrap().frame, tcp(client, pod, "S", b""));
+    for flags in ["SA", "AP"] {
+        let answer = tcp(pod, client, flags, b"");
+        let out = bed.tc(&answer).unwrap();
+        assert_eq!(parse_checked(&out.frame).src, pod, "{flags} from the pod left as it is");
+    }
+    assert!(
+        ct(&bed, CtKey::new(LOCAL_POD, POD_CLIENT, 8080, 40000, IPPROTO_TCP)).is_none(),
+        "stale entry gone"
+    );
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn udp_without_checksum_keeps_zero_and_vlan_tag_is_kept() {
     let mut bed = bed();
     bed.service(frontend(EXTERNAL_IP, 53, L4::Udp), FrontendKind::ExternalIp, &[Be::local(LOCAL_POD, 5353)])

@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result};
 use aya::Ebpf;
 use lb_tests::{
     bench::{self, Proto, median},
-    lanes::{CpsRun, DATAPLANES, Dataplane, Lanes, PpsRun},
+    lanes::{CpsRun, DATAPLANES, Dataplane, Lanes, PodPath, PpsRun},
 };
 
 /// Lane and column indexes, in `Dataplane::ALL` order.
@@ -326,6 +326,7 @@ fn main() -> Result<()> {
     // nftables, ceiling; and the agent's share of the ceiling.
     let mut host_by_n: Vec<(u32, [f64; 4], f64)> = Vec::new();
     let mut host_rows = String::new();
+    let mut pod_rows = String::new();
     let mut rule_change: [Vec<Duration>; 2] = Default::default();
     for &n in &plan.lane_services {
         eprintln!("bench: connections per second, {n} services");
@@ -402,6 +403,24 @@ fn main() -> Result<()> {
             h[0] / h[2]
         )?;
         host_by_n.push((n, h, h_share));
+        eprintln!("bench: connections per second from a pod, {n} services");
+        let mut pod: [Vec<f64>; 3] = Default::default();
+        for _ in 0..plan.lane_rounds {
+            let runs = [
+                lanes.pod_cps(plan.cps_secs, PodPath::PerPacket)?.cps,
+                lanes.pod_cps(plan.cps_secs, PodPath::Sockets)?.cps,
+                lanes.pod_cps(plan.cps_secs, PodPath::Ceiling)?.cps,
+            ];
+            for (v, x) in pod.iter_mut().zip(runs) {
+                v.push(x);
+            }
+        }
+        for (name, v) in ["per packet", "socket hooks", "ceiling"].iter().zip(&pod) {
+            let list: Vec<String> = v.iter().map(|x| format!("{x:.0}")).collect();
+            writeln!(raw, "- conn/s from a pod, {n} services, {name}: {}", list.join(", "))?;
+        }
+        let p = pod.each_ref().map(|v| median(v.clone()));
+        writeln!(pod_rows, "| {n} | {:.0} | {:.0} | {:.0} | {:.2} |", p[0], p[1], p[2], p[1] / p[0])?;
         if n == max_lane {
             eprintln!("bench: kube-proxy rule updates, {n} services");
             for round in 0..plan.rule_changes {
@@ -418,7 +437,7 @@ fn main() -> Result<()> {
         "Method: the same lanes and load (`wrk -t4 -c64 -d{secs}s`, `Connection: close`, four services at 1/8 \
          ... 7/8 of the table), with `wrk` in the node's own namespace, as the kubelet or a hostNetwork pod \
          would connect: on the TC lane inside the agent's cgroup, where its socket hooks translate each \
-         connect() (`--socket-lb host`); on the netfilter lanes through kube-proxy's nat OUTPUT chains. \
+         connect() (they serve the node's namespace in modes `host` and `all`); on the netfilter lanes through kube-proxy's nat OUTPUT chains. \
          *Ceiling*: the same load from the node straight to the pods' addresses. Medians of {rounds} runs.\n",
         secs = plan.cps_secs,
         rounds = plan.lane_rounds,
@@ -429,6 +448,21 @@ fn main() -> Result<()> {
     )?;
     writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     md.push_str(&host_rows);
+    writeln!(md, "\n## 3c. Short TCP connections from a pod: socket hooks or per packet\n")?;
+    writeln!(
+        md,
+        "Method: the same load from client pods on the TC lane's node (each on its own veth, served by the pod \
+         hook) to the services, the agent running `--socket-lb all`: *per packet* from a pod outside the \
+         agent's cgroup (the pod hook translates and tracks every packet, as with `--socket-lb host`), *socket \
+         hooks* from a pod inside it (translated once at connect(), no conntrack entry), *ceiling* from that pod \
+         straight to the pods' addresses. Two client pods, so that one path's connections never meet the \
+         server's TIME_WAIT of the other's (a client's TCP timestamps start from an offset that depends on the \
+         address it dialled: a service's or a pod's). Medians of {} runs.\n",
+        plan.lane_rounds
+    )?;
+    writeln!(md, "| services | per packet conn/s | socket hooks | ceiling | hooks ÷ per packet |")?;
+    writeln!(md, "|---:|---:|---:|---:|---:|")?;
+    md.push_str(&pod_rows);
 
     // 4. Control plane (the agent's part was measured first, on a quiet machine).
     writeln!(md, "\n## 4. Control plane\n")?;
