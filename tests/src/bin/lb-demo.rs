@@ -7,12 +7,19 @@ use std::{path::Path, process::Command, time::Instant};
 use anyhow::Result;
 use lb_tests::{
     cluster::{Cluster, NODE_ADDRS, standard_pods, tally},
-    netns::{Netns, agent_binary},
+    netns::{HostProcess, Netns, agent_binary},
 };
 
+/// Who sends: a namespace (a pod, an outside client), or a node's own
+/// processes (through the socket hooks).
+enum From<'a> {
+    Ns(&'a Netns),
+    Host(HostProcess<'a>),
+}
+
 enum Probe<'a> {
-    Http { from: &'a Netns, url: String, count: usize },
-    Udp { from: &'a Netns, to: String, count: usize },
+    Http { from: From<'a>, url: String, count: usize },
+    Udp { from: From<'a>, to: String, count: usize },
 }
 
 struct Row {
@@ -24,11 +31,15 @@ struct Row {
 
 fn run(probe: &Probe) -> Result<String> {
     let answers = match probe {
-        Probe::Http { from, url, count } => Cluster::http(from, url, *count)?,
-        Probe::Udp { from, to, count } => Cluster::udp(from, to, *count)?
-            .into_iter()
-            .map(|a| a.split(':').next().unwrap_or(&a).to_string())
-            .collect(),
+        Probe::Http { from: From::Ns(ns), url, count } => Cluster::http(ns, url, *count)?,
+        Probe::Http { from: From::Host(host), url, count } => Cluster::http(host, url, *count)?,
+        Probe::Udp { from, to, count } => match from {
+            From::Ns(ns) => Cluster::udp(ns, to, *count)?,
+            From::Host(host) => Cluster::udp(host, to, *count)?,
+        }
+        .into_iter()
+        .map(|a| a.split(':').next().unwrap_or(&a).to_string())
+        .collect(),
     };
     let t = tally(&answers);
     Ok(t.iter()
@@ -44,6 +55,10 @@ fn run(probe: &Probe) -> Result<String> {
         .join("  "))
 }
 
+fn http(from: &Netns, url: String, count: usize) -> Probe<'_> {
+    Probe::Http { from: From::Ns(from), url, count }
+}
+
 fn main() -> Result<()> {
     let started = Instant::now();
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
@@ -53,7 +68,6 @@ fn main() -> Result<()> {
     let pod = &c.pod("client-pod").ns;
     let (n1, n2) = (NODE_ADDRS[0], NODE_ADDRS[1]);
 
-    let http = |from, url: String, count| Probe::Http { from, url, count };
     let plan: Vec<(&str, String, &str, Probe)> = vec![
         ("web", "10.96.0.10:80 ClusterIP".into(), "client-pod", http(pod, "http://10.96.0.10/".into(), 30)),
         (
@@ -102,13 +116,13 @@ fn main() -> Result<()> {
             "echo-udp",
             "10.96.0.15:53/UDP ClusterIP".into(),
             "client-pod",
-            Probe::Udp { from: pod, to: "10.96.0.15:53".into(), count: 10 },
+            Probe::Udp { from: From::Ns(pod), to: "10.96.0.15:53".into(), count: 10 },
         ),
         (
             "echo-udp",
             format!("{n2}:30053/UDP NodePort"),
             "client",
-            Probe::Udp { from: &c.client, to: format!("{n2}:30053"), count: 10 },
+            Probe::Udp { from: From::Ns(&c.client), to: format!("{n2}:30053"), count: 10 },
         ),
         (
             "empty",
@@ -140,6 +154,30 @@ fn main() -> Result<()> {
             "client2",
             http(&c.client2, format!("http://{n1}:30091/"), 15),
         ),
+        (
+            "web",
+            "10.96.0.10:80 ClusterIP".into(),
+            "node-1",
+            Probe::Http { from: From::Host(c.host(0)), url: "http://10.96.0.10/".into(), count: 30 },
+        ),
+        (
+            "web-nodeport",
+            "127.0.0.1:30080 NodePort".into(),
+            "node-1",
+            Probe::Http { from: From::Host(c.host(0)), url: "http://127.0.0.1:30080/".into(), count: 20 },
+        ),
+        (
+            "echo-udp",
+            "10.96.0.15:53/UDP ClusterIP".into(),
+            "node-2",
+            Probe::Udp { from: From::Host(c.host(1)), to: "10.96.0.15:53".into(), count: 10 },
+        ),
+        (
+            "empty",
+            "10.96.0.16:80 (no endpoints)".into(),
+            "node-2",
+            Probe::Http { from: From::Host(c.host(1)), url: "http://10.96.0.16/".into(), count: 3 },
+        ),
     ];
     let mut rows = Vec::new();
     for (service, frontend, client, probe) in &plan {
@@ -151,7 +189,8 @@ fn main() -> Result<()> {
         println!("{:<13} {:<40} {:<11} {}", r.service, r.frontend, r.client, r.result);
     }
     println!(
-        "\n(eTP=Local via node-1 shows the client address the pod saw; node-2 has no local endpoint and drops.)"
+        "\n(eTP=Local via node-1 shows the client address the pod saw; node-2 has no local endpoint and drops.\n\
+         Clients node-1 and node-2 are processes on the node itself, served by the socket hooks.)"
     );
     println!("\n$ lb-agent inspect services   # on node-1, from its pinned maps");
     let out =
