@@ -1,7 +1,8 @@
 //! kube-proxy semantics by golden files: each `testdata/<case>/` holds
 //! manifests and `expected.txt`: the readable dump of the desired dataplane
-//! state for node `node-1` (192.0.2.11, zone-a), then the maps the
-//! reconciler programs for it. `testdata/scripts/*.txtar` replay what an
+//! state for node `node-1` (192.0.2.11, zone-a; a case's `node-zone` file
+//! names another zone, or none when empty), then the maps the reconciler
+//! programs for it. `testdata/scripts/*.txtar` replay what an
 //! agent lives through (syncs, stops, edits while stopped, restarts) on
 //! in-memory maps, checking the maps after each step. No root needed.
 //!
@@ -45,7 +46,11 @@ fn errors(loaded: &[manifests::ManifestError]) -> String {
 
 fn render(case: &Path) -> String {
     let loaded = manifests::load(&case.join("manifests")).expect("the case's manifests folder");
-    let desired = desired_state(&loaded.state, &node());
+    let mut node = node();
+    if let Ok(zone) = std::fs::read_to_string(case.join("node-zone")) {
+        node.zone = Some(zone.trim().to_string()).filter(|z| !z.is_empty());
+    }
+    let desired = desired_state(&loaded.state, &node);
     let mut out = desired.dump();
     out.push_str(&errors(&loaded.errors));
     let mut store = MemoryStore::default();

@@ -211,6 +211,43 @@ fn source_ranges_admit_only_listed_clients() {
 
 #[test]
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn source_ranges_holding_a_node_address_also_admit_the_node_and_the_lb_ip() {
+    // Programmed from a Service, as the agent derives it: the ranges hold
+    // this node's address, so kube-proxy admits the LB IP as a source too
+    // (a node that holds the VIP sends to it from the VIP).
+    let dir = lb_tests::netns::TempDir::new("sr").unwrap();
+    std::fs::write(
+        dir.join("svc.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: guarded, namespace: default}\nspec:\n  type: LoadBalancer\n  \
+         clusterIP: 10.96.0.60\n  loadBalancerSourceRanges: [\"192.0.2.0/28\"]\n  ports: [{port: 443, targetPort: 8443, \
+         nodePort: 30600}]\nstatus: {loadBalancer: {ingress: [{ip: 198.51.100.10}]}}\n---\napiVersion: discovery.k8s.io/v1\n\
+         kind: EndpointSlice\nmetadata:\n  name: guarded-1\n  namespace: default\n  labels: {kubernetes.io/service-name: guarded}\n\
+         addressType: IPv4\nports: [{port: 8443}]\nendpoints: [{addresses: [\"10.244.1.7\"], nodeName: node-1}]\n",
+    )
+    .unwrap();
+    let state = lb_userspace::sources::manifests::load(&dir).unwrap().state;
+    let node = lb_userspace::model::NodeInfo {
+        name: "node-1".into(),
+        addresses: vec![NODE_ADDR.into()],
+        ..Default::default()
+    };
+    let desired = lb_userspace::model::desired_state(&state, &node);
+    let key = frontend(LB_IP, 443, L4::Tcp);
+    let mut bed = bed();
+    bed.program(key, (*desired.frontends[&key]).clone()).unwrap();
+    for (source, admitted) in [(NODE_ADDR, true), (LB_IP, true), ([192, 0, 2, 9], true), (EXT_CLIENT, false)]
+    {
+        let out = bed.xdp(&tcp((source, 50000), (LB_IP, 443), "S", b"")).unwrap();
+        if admitted {
+            assert_eq!(parse_checked(&out.frame).dst, (LOCAL_POD, 8443), "{source:?} is admitted");
+        } else {
+            assert_eq!(out.action, XDP_DROP, "{source:?} is outside the ranges");
+        }
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn session_affinity_keeps_a_client_on_one_backend() {
     let mut bed = bed();
     let backends: Vec<Be> = (1..=8).map(|i| Be::local([10, 244, 1, 10 + i], 8080)).collect();

@@ -7,7 +7,7 @@ use crate::frontend::{Frontend, FrontendKind, Scope};
 
 use super::{
     DesiredBackend, DesiredFrontend,
-    endpoints::{Endpoint, usable},
+    endpoints::{Endpoint, cluster_usable, usable},
     spec::{PortSpec, ServiceSpec},
 };
 
@@ -20,7 +20,7 @@ pub fn port_frontends(
     port: &PortSpec,
     eps: &[Endpoint],
 ) -> (Vec<(Frontend, Arc<DesiredFrontend>)>, BTreeSet<IpAddr>) {
-    let cluster = usable(eps.iter());
+    let cluster = cluster_usable(eps);
     let local = usable(eps.iter().filter(|e| e.backend.local));
     let any_usable = !cluster.is_empty() || !local.is_empty();
     let all: Vec<DesiredBackend> = eps.iter().map(|e| e.backend).collect();

@@ -164,6 +164,7 @@ pub fn parse(svc: &Service, node: &NodeInfo, note: &mut dyn FnMut(String)) -> Op
             Err(_) => note(format!("loadBalancerSourceRanges entry {r:?} is not a CIDR: ignored")),
         }
     }
+    source_ranges.extend(implicit_allows(&source_ranges, &node.addresses, &lb_ips));
     let timeout = spec
         .session_affinity_config
         .as_ref()
@@ -247,4 +248,20 @@ fn port(
         }
     };
     Ok(Some(PortSpec { name, port, l4, node_port: node_port.filter(|_| node_ports) }))
+}
+
+/// kube-proxy's implicit allows: when the ranges hold one of this node's
+/// addresses, the node's addresses and the Service's LoadBalancer IPs are
+/// allowed too (a node that holds a VIP sends to it from the VIP itself).
+fn implicit_allows(ranges: &[Ipv4Net], node: &[IpAddr], lb_ips: &[IpAddr]) -> Vec<Ipv4Net> {
+    let v4 = |a: &IpAddr| match a {
+        IpAddr::V4(v4) => Some(*v4),
+        IpAddr::V6(_) => None,
+    };
+    let holds_node = ranges.iter().any(|r| node.iter().filter_map(v4).any(|a| r.contains(&a)));
+    if !holds_node {
+        return Vec::new();
+    }
+    let extra = node.iter().chain(lb_ips).filter_map(v4).filter(|a| !ranges.iter().any(|r| r.contains(a)));
+    extra.map(Ipv4Net::from).collect::<std::collections::BTreeSet<_>>().into_iter().collect()
 }
