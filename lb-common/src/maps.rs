@@ -403,10 +403,15 @@ pub enum Drop {
     /// No endpoint, and the ICMP answer could not be built (IP options,
     /// helper failure): dropped unanswered.
     RejectFailed = 8,
+    /// An allocated ClusterIP on a port no Service uses: answered port
+    /// unreachable (kube-proxy's nftables catch-all).
+    ClusterIpPort = 9,
+    /// An address of the service CIDR no Service has: dropped.
+    UnallocatedClusterIp = 10,
 }
 
 impl Drop {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 11;
     /// Slots of `lb_drops`: room for reasons to come without a layout change.
     pub const SLOTS: u32 = 32;
     pub const ALL: [Drop; Self::COUNT as usize] = [
@@ -419,6 +424,8 @@ impl Drop {
         Self::NoBackend,
         Self::NoConfig,
         Self::RejectFailed,
+        Self::ClusterIpPort,
+        Self::UnallocatedClusterIp,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -432,6 +439,8 @@ impl Drop {
             Self::NoBackend => "no_backend",
             Self::NoConfig => "no_config",
             Self::RejectFailed => "reject_failed",
+            Self::ClusterIpPort => "rejected_cluster_ip_port",
+            Self::UnallocatedClusterIp => "unallocated_cluster_ip",
         }
     }
 }

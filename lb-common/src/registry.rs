@@ -90,6 +90,10 @@ maps! {
         "runtime settings: SNAT address and port range";
     NODE_ADDRS: "lb_node_addrs", Hash, Size::Fixed(64), pinned: true, programmed: true,
         "this node's addresses (NodePort answers on them)";
+    CLUSTER_IPS: "lb_cluster_ips", Hash, flag("max-frontends", 65_536), pinned: true, programmed: true,
+        "allocated ClusterIPs: the catch-all rejects their unused ports";
+    SERVICE_CIDRS: "lb_svc_cidrs", LpmTrie, Size::Fixed(64), pinned: true, programmed: true,
+        "the service CIDRs (--service-cidr): unallocated addresses in them are dropped";
     BACKENDS: "lb_backends", Hash, flag("max-backends", 65_536), pinned: true, programmed: true,
         "backend id -> pod address, port, protocol, flags";
     SLOTS: "lb_slots", Hash, flag("max-slots", 262_144), pinned: true, programmed: true,

@@ -8,7 +8,7 @@ use lb_common::{
 
 use crate::{
     conntrack,
-    lb::{self, Choice, Origin},
+    lb::{self, Choice, Origin, Unserved},
     maps::{self, count_packet},
     parse::Packet,
     snat,
@@ -18,8 +18,9 @@ pub enum Verdict {
     /// Not service traffic: leave it to the stack.
     Pass,
     Drop(Drop),
-    /// Service without endpoints: answer ICMP port unreachable.
-    Reject,
+    /// Answer ICMP port unreachable (a service without endpoints, a
+    /// ClusterIP's unused port), counted as the reason says.
+    Reject(Drop),
     /// Rewrite the packet as its conntrack entry says.
     Translate(Nat),
 }
@@ -64,7 +65,11 @@ pub fn process(pkt: &Packet, origin: Origin, redirects: bool) -> Verdict {
                 && maps::config().is_none_or(|c| c.flags & config_flags::VIA_STACK == 0);
             new_flow(pkt, &fe, origin, bypass)
         }
-        None => Verdict::Pass,
+        None => match lb::unserved(pkt.key.daddr) {
+            Unserved::Pass => Verdict::Pass,
+            Unserved::Reject => Verdict::Reject(Drop::ClusterIpPort),
+            Unserved::Drop => Verdict::Drop(Drop::UnallocatedClusterIp),
+        },
     }
 }
 
@@ -80,7 +85,7 @@ fn new_flow(pkt: &Packet, fe: &Frontend, origin: Origin, bypass: bool) -> Verdic
     let client = pkt.key.saddr;
     let (backend_id, backend) = match lb::choose(fe, client, now) {
         Choice::Backend(id, backend) => (id, backend),
-        Choice::Reject => return Verdict::Reject,
+        Choice::Reject => return Verdict::Reject(Drop::Rejected),
         Choice::Drop(reason) => return Verdict::Drop(reason),
     };
     match open(pkt, fe.id, backend_id, &backend, forwarding(origin, &backend), bypass, now) {

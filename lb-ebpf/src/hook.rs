@@ -65,13 +65,14 @@ pub fn run<H: Hook>(ctx: &H, origin: Origin) -> H::Action {
             );
             H::DROP
         }
-        Verdict::Reject => match ctx.reject(&pkt) {
+        Verdict::Reject(reason) => match ctx.reject(&pkt) {
             Some(action) => {
-                count_drop(Drop::Rejected);
+                count_drop(reason);
                 debug!(
                     ctx,
-                    "{} reject, no endpoint: {:i}:{} -> {:i}:{}",
+                    "{} reject (reason {}): {:i}:{} -> {:i}:{}",
                     H::NAME,
+                    reason as u32,
                     k.saddr,
                     k.sport,
                     k.daddr,

@@ -50,6 +50,28 @@ pub fn frontend(daddr: [u8; 4], dport: u16, proto: u8, origin: Origin) -> Option
     Some(fe)
 }
 
+/// What becomes of a packet for no frontend: kube-proxy's nftables
+/// catch-all for the service CIDRs.
+pub enum Unserved {
+    /// Not a service address: not ours.
+    Pass,
+    /// An allocated ClusterIP on a port no Service uses: port unreachable.
+    Reject,
+    /// An address of a service CIDR no Service has.
+    Drop,
+}
+
+#[inline(always)]
+pub fn unserved(daddr: [u8; 4]) -> Unserved {
+    if !maps::in_service_cidr(daddr) {
+        Unserved::Pass
+    } else if maps::is_cluster_ip(&daddr) {
+        Unserved::Reject
+    } else {
+        Unserved::Drop
+    }
+}
+
 /// What a new connection to a frontend gets.
 pub enum Choice {
     Backend(u32, Backend),

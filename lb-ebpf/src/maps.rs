@@ -25,6 +25,12 @@ pub static LB_CONFIG: Array<Config, { cap(reg::CONFIG) }> = Array::new();
 #[btf_map(name = "lb_node_addrs")]
 pub static LB_NODE_ADDRS: HashMap<[u8; 4], u32, { cap(reg::NODE_ADDRS) }> = HashMap::new();
 
+#[btf_map(name = "lb_cluster_ips")]
+pub static LB_CLUSTER_IPS: HashMap<[u8; 4], u32, { cap(reg::CLUSTER_IPS) }> = HashMap::new();
+
+#[btf_map(name = "lb_svc_cidrs")]
+pub static LB_SVC_CIDRS: LpmTrie<[u8; 4], u32, { cap(reg::SERVICE_CIDRS) }> = LpmTrie::new();
+
 #[btf_map(name = "lb_backends")]
 pub static LB_BACKENDS: HashMap<u32, Backend, { cap(reg::BACKENDS) }> = HashMap::new();
 
@@ -96,6 +102,16 @@ pub fn slot(frontend_id: u32, slot: u32) -> Option<u32> {
 
 pub fn is_node_addr(addr: &[u8; 4]) -> bool {
     LB_NODE_ADDRS.get_ptr(addr).is_some()
+}
+
+/// Whether some Service has `addr` as its ClusterIP.
+pub fn is_cluster_ip(addr: &[u8; 4]) -> bool {
+    LB_CLUSTER_IPS.get_ptr(addr).is_some()
+}
+
+/// Whether `addr` is inside one of the service CIDRs.
+pub fn in_service_cidr(addr: [u8; 4]) -> bool {
+    LB_SVC_CIDRS.get(&Key::new(32, addr)).is_some()
 }
 
 /// Whether `ifindex` is the host side of a pod's interface.

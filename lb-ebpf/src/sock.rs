@@ -23,7 +23,7 @@ use aya_ebpf::{
 use lb_common::{Drop, SockKey, SockService, frontend_flags};
 
 use crate::{
-    lb::{self, Choice, Origin},
+    lb::{self, Choice, Origin, Unserved},
     maps,
 };
 
@@ -63,7 +63,19 @@ pub fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     // verifier checks each field access.
     let (daddr, dport, proto) =
         unsafe { ((*sa).user_ip4.to_ne_bytes(), u16::from_be((*sa).user_port as u16), (*sa).protocol as u8) };
-    let Some(fe) = lb::frontend(daddr, dport, proto, origin) else { return PROCEED };
+    let Some(fe) = lb::frontend(daddr, dport, proto, origin) else {
+        return match lb::unserved(daddr) {
+            Unserved::Pass => PROCEED,
+            Unserved::Reject => {
+                maps::count_drop(Drop::ClusterIpPort);
+                fail(ECONNREFUSED)
+            }
+            Unserved::Drop => {
+                maps::count_drop(Drop::UnallocatedClusterIp);
+                fail(EHOSTUNREACH)
+            }
+        };
+    };
     if origin == Origin::Pod && fe.flags & (frontend_flags::AFFINITY | frontend_flags::SOURCE_RANGES) != 0 {
         return PROCEED;
     }

@@ -77,6 +77,8 @@ pub struct Options {
     pub socket_lb: socket_lb::Mode,
     /// The cgroup v2 directory they attach to (default: the host's root).
     pub cgroup_root: Option<PathBuf>,
+    /// The cluster's service CIDRs, for the ClusterIP catch-all.
+    pub service_cidrs: Vec<ipnet::Ipv4Net>,
 }
 
 /// IPv4 addresses of `interfaces`.
@@ -110,6 +112,7 @@ pub fn node_facts(opts: &Options, facts: &NodeFacts) -> Result<(NodeInfo, NodeSe
         snat_addr: snat,
         nat_ports: opts.nat_ports,
         via_stack: opts.via_stack,
+        service_cidrs: opts.service_cidrs.clone(),
     };
     let zone = opts.zone.clone().or_else(|| facts.zone.clone());
     let node = NodeInfo {

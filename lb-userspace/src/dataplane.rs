@@ -133,6 +133,7 @@ endpoints: [{addresses: ["10.244.1.5"]}, {addresses: ["10.244.2.6"]}]
                 snat_addr: addr,
                 nat_ports: (61000, 65535),
                 via_stack: false,
+                service_cidrs: Vec::new(),
             },
         )
     }

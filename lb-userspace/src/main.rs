@@ -154,6 +154,13 @@ struct RunArgs {
     /// directory whose `unified` child is cgroup v2 also does.
     #[arg(long, env = "LB_CGROUP_ROOT")]
     cgroup_root: Option<PathBuf>,
+    /// The cluster's service CIDR(s) (the API server's
+    /// --service-cluster-ip-range): as kube-proxy's nftables mode does, a
+    /// packet to a ClusterIP on a port no Service uses is answered port
+    /// unreachable, and one to an address of the range no Service has is
+    /// dropped. Unset: no catch-all.
+    #[arg(long = "service-cidr", env = "LB_SERVICE_CIDRS", value_delimiter = ',')]
+    service_cidrs: Vec<ipnet::IpNet>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -378,6 +385,15 @@ fn run(args: RunArgs, pin_dir: PathBuf) -> Result<()> {
             SocketLbArg::All => socket_lb::Mode::All,
         },
         cgroup_root: args.cgroup_root,
+        // IPv6 ranges wait for the IPv6 dataplane.
+        service_cidrs: args
+            .service_cidrs
+            .iter()
+            .filter_map(|n| match n {
+                ipnet::IpNet::V4(v4) => Some(v4.trunc()),
+                ipnet::IpNet::V6(_) => None,
+            })
+            .collect(),
     };
     // Two workers: a sync holds one (`block_in_place`), the HTTP servers and
     // the watchers keep the other.

@@ -24,6 +24,8 @@ use crate::reconciler::{MapStore, Op, Programmed, StoreError};
 pub struct Maps {
     pub config: Array<MapData, Config>,
     pub node_addrs: HashMap<MapData, [u8; 4], u32>,
+    pub cluster_ips: HashMap<MapData, [u8; 4], u32>,
+    pub service_cidrs: LpmTrie<MapData, [u8; 4], u32>,
     pub backends: HashMap<MapData, u32, Backend>,
     pub slots: HashMap<MapData, SlotKey, u32>,
     pub affinity_match: HashMap<MapData, AffinityMatchKey, u32>,
@@ -86,6 +88,8 @@ impl Maps {
         Ok(Self {
             config: typed!(reg::CONFIG),
             node_addrs: typed!(reg::NODE_ADDRS),
+            cluster_ips: typed!(reg::CLUSTER_IPS),
+            service_cidrs: typed!(reg::SERVICE_CIDRS),
             backends: typed!(reg::BACKENDS),
             slots: typed!(reg::SLOTS),
             affinity_match: typed!(reg::AFFINITY_MATCH),
@@ -128,6 +132,8 @@ impl Maps {
     pub fn entries(&self, def: &MapDef) -> Option<usize> {
         Some(match def.name {
             n if n == reg::NODE_ADDRS.name => self.node_addrs.keys().count(),
+            n if n == reg::CLUSTER_IPS.name => self.cluster_ips.keys().count(),
+            n if n == reg::SERVICE_CIDRS.name => self.service_cidrs.keys().count(),
             n if n == reg::BACKENDS.name => self.backends.keys().count(),
             n if n == reg::SLOTS.name => self.slots.keys().count(),
             n if n == reg::AFFINITY_MATCH.name => self.affinity_match.keys().count(),
@@ -141,6 +147,10 @@ impl Maps {
             _ => return None,
         })
     }
+}
+
+fn cidr_key(net: &Ipv4Net) -> Key<[u8; 4]> {
+    Key::new(u32::from(net.prefix_len()), net.network().octets())
 }
 
 fn range_key(id: u32, net: &Ipv4Net) -> Key<SourceRangeKey> {
@@ -167,6 +177,10 @@ impl MapStore for Maps {
             Op::PutConfig(c) => self.config.set(0, c, 0),
             Op::PutNodeAddr(a) => self.node_addrs.insert(a, &1, 0),
             Op::DelNodeAddr(a) => ignore_missing(self.node_addrs.remove(a)),
+            Op::PutClusterIp(a) => self.cluster_ips.insert(a, &1, 0),
+            Op::DelClusterIp(a) => ignore_missing(self.cluster_ips.remove(a)),
+            Op::PutServiceCidr(n) => self.service_cidrs.insert(&cidr_key(n), &1, 0),
+            Op::DelServiceCidr(n) => ignore_missing(self.service_cidrs.remove(&cidr_key(n))),
             Op::PutBackend(id, b) => self.backends.insert(id, b, 0),
             Op::DelBackend(id) => ignore_missing(self.backends.remove(id)),
             Op::PutSlot(k, b) => self.slots.insert(k, b, 0),
@@ -210,6 +224,15 @@ impl MapStore for Maps {
         };
         for a in self.node_addrs.keys() {
             p.node_addrs.insert(read(reg::NODE_ADDRS.name, a)?);
+        }
+        for a in self.cluster_ips.keys() {
+            p.cluster_ips.insert(read(reg::CLUSTER_IPS.name, a)?);
+        }
+        for k in self.service_cidrs.keys() {
+            let k = read(reg::SERVICE_CIDRS.name, k)?;
+            if let Ok(net) = Ipv4Net::new(k.data().into(), k.prefix_len().min(32) as u8) {
+                p.service_cidrs.insert(net);
+            }
         }
         for e in self.backends.iter() {
             let (id, b) = read(reg::BACKENDS.name, e)?;

@@ -24,6 +24,7 @@ fn main() -> anyhow::Result<()> {
         snat_addr: addr,
         nat_ports: (61000, 65535),
         via_stack: false,
+        service_cidrs: Vec::new(),
     };
     let mut folder = Folder::new(&dir);
     let t = Instant::now();

@@ -116,6 +116,7 @@ impl Bed {
             snat_addr: node,
             nat_ports: options.nat_ports,
             via_stack: false,
+            service_cidrs: Vec::new(),
         };
         let mut bed = Self {
             ebpf,
@@ -207,6 +208,12 @@ impl Bed {
         })?;
         out.truncate(r.data_size_out as usize);
         Ok(Run { action: r.return_value, frame: out })
+    }
+
+    /// The service CIDRs of the ClusterIP catch-all (`--service-cidr`).
+    pub fn set_service_cidrs(&mut self, cidrs: &[&str]) -> Result<()> {
+        self.settings.service_cidrs = cidrs.iter().map(|c| c.parse()).collect::<Result<_, _>>()?;
+        self.sync()
     }
 
     /// Hands translated packets to the host stack (`--forwarding stack`).

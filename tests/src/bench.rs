@@ -242,6 +242,7 @@ fn plan_synthetic(n: u32, per: u32) -> Result<Vec<reconciler::Op>> {
         snat_addr: node,
         nat_ports: (61000, 65535),
         via_stack: false,
+        service_cidrs: Vec::new(),
     };
     Reconciler::new().plan(&synthetic(n, per), &settings)
 }

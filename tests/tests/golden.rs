@@ -29,7 +29,13 @@ fn node() -> NodeInfo {
 
 fn settings() -> NodeSettings {
     let addr = IpAddr::from([192, 0, 2, 11]);
-    NodeSettings { addresses: [addr].into(), snat_addr: addr, nat_ports: (61000, 65535), via_stack: false }
+    NodeSettings {
+        addresses: [addr].into(),
+        snat_addr: addr,
+        nat_ports: (61000, 65535),
+        via_stack: false,
+        service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+    }
 }
 
 fn errors(loaded: &[manifests::ManifestError]) -> String {

@@ -107,6 +107,7 @@ impl Folder {
             snat_addr: addr,
             nat_ports: (61000, 65535),
             via_stack: false,
+            service_cidrs: Vec::new(),
         };
         Reconciler::new()
             .plan(&desired, &settings)

@@ -1,6 +1,8 @@
 //! Packet-in / packet-out tests of the real XDP and TC programs through
 //! BPF_PROG_TEST_RUN, with the maps programmed as the agent would. Needs root.
 
+use std::net::Ipv4Addr;
+
 use aya::maps::PerCpuArray;
 use lb_common::{CtKey, Drop, FrontendKind, IPPROTO_TCP, L4, NextHop, ct_flags, registry};
 use lb_tests::{
@@ -181,6 +183,41 @@ fn no_endpoints_answers_icmp_port_unreachable() {
     assert_eq!((icmp.quoted_src, icmp.quoted_dst), ((POD_CLIENT, 40000), (CLUSTER_IP, 53)));
     assert_eq!(icmp.to, std::net::Ipv4Addr::from(POD_CLIENT));
     assert_eq!(drops(&bed, Drop::Rejected), 2);
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn the_cluster_ip_catch_all_rejects_unused_ports_and_drops_unallocated_addresses() {
+    let mut bed = bed();
+    bed.service(frontend(CLUSTER_IP, 80, L4::Tcp), FrontendKind::ClusterIp, &[Be::local(LOCAL_POD, 8080)])
+        .unwrap();
+    // Without service CIDRs, nothing is caught.
+    let unused_port = tcp((POD_CLIENT, 40000), (CLUSTER_IP, 81), "S", b"");
+    assert_eq!(bed.tc(&unused_port).unwrap().action, TC_ACT_OK);
+    bed.set_service_cidrs(&["10.96.0.0/16"]).unwrap();
+    for (run, hook) in [(bed.tc(&unused_port).unwrap(), "pod"), (bed.xdp(&unused_port).unwrap(), "external")]
+    {
+        let icmp = parse_port_unreachable(&run.frame);
+        assert_eq!(icmp.to, Ipv4Addr::from(POD_CLIENT), "{hook}: port unreachable back to the client");
+    }
+    let udp_port = udp((POD_CLIENT, 40001), (CLUSTER_IP, 53), b"q");
+    assert_eq!(
+        parse_port_unreachable(&bed.tc(&udp_port).unwrap().frame).to,
+        Ipv4Addr::from(POD_CLIENT),
+        "UDP too"
+    );
+    let unallocated = tcp((POD_CLIENT, 40002), ([10, 96, 7, 7], 80), "S", b"");
+    assert_eq!(bed.tc(&unallocated).unwrap().action, TC_ACT_SHOT);
+    assert_eq!(bed.xdp(&unallocated).unwrap().action, XDP_DROP);
+    // The service's own port, and addresses outside the CIDR, are untouched.
+    assert_eq!(
+        parse_checked(&bed.tc(&tcp((POD_CLIENT, 40003), (CLUSTER_IP, 80), "S", b"")).unwrap().frame).dst,
+        (LOCAL_POD, 8080)
+    );
+    assert_eq!(bed.tc(&tcp((POD_CLIENT, 40004), ([10, 97, 0, 1], 80), "S", b"")).unwrap().action, TC_ACT_OK);
+    assert_eq!(drops(&bed, Drop::ClusterIpPort), 3);
+    assert_eq!(drops(&bed, Drop::UnallocatedClusterIp), 2);
+    assert_eq!(drops(&bed, Drop::Rejected), 0, "counted apart from services without endpoints");
 }
 
 #[test]

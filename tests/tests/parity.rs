@@ -109,3 +109,32 @@ fn topology_hints_keep_traffic_in_its_zone_and_fall_back_when_a_zone_has_no_hint
     let spread = Cluster::http(&c.host(1), "http://10.96.0.50/", 40).unwrap();
     assert_eq!(tally(&spread).len(), 3, "all three endpoints from node-2: {:?}", tally(&spread));
 }
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn the_cluster_ip_catch_all_refuses_unused_ports_and_drops_unallocated_addresses() {
+    let mut c = cluster();
+    let cidr: &[&str] = &["--service-cidr", "10.96.0.0/16"];
+    restart_agents(&mut c, [cidr, cidr]);
+    let pod = &c.pod("client-pod").ns;
+    // A ClusterIP on a port no Service uses: refused, from a pod and from the node.
+    assert_eq!(Cluster::http_once(pod, "http://10.96.0.10:81/", 2), Err(7), "refused, not timed out");
+    let out = Cluster::netcheck(&c.host(0), &["connect", "10.96.0.10:81"]).unwrap();
+    assert!(out[0].starts_with("refused "), "{out:?}");
+    // An address of the range no Service has: dropped.
+    assert_eq!(Cluster::http_once(pod, "http://10.96.9.9/", 1), Err(28), "dropped");
+    let out = Cluster::netcheck(&c.host(0), &["connect", "10.96.9.9:80"]).unwrap();
+    assert!(out[0].contains("No route to host"), "{out:?}");
+    // Services themselves answer as before.
+    let answers = Cluster::http(pod, "http://10.96.0.10/", 6).unwrap();
+    assert!(answers.iter().all(|a| a.starts_with("web-")), "{answers:?}");
+    let stats = std::process::Command::new(lb_tests::netns::agent_binary())
+        .args(["inspect", "stats", "-o", "json", "--pin-dir"])
+        .arg(c.pin_dir(0))
+        .output()
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    let count = |reason: &str| stats["drops"][reason].as_u64().unwrap_or(0);
+    assert!(count("rejected_cluster_ip_port") >= 2, "{stats}");
+    assert!(count("unallocated_cluster_ip") >= 2, "{stats}");
+}

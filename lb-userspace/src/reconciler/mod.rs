@@ -28,7 +28,7 @@ use lb_common::{
 
 pub use self::store::{MapStore, MemoryStore, Op, Programmed, StoreError};
 use crate::{
-    frontend::{BackendAddr, Frontend},
+    frontend::{BackendAddr, Frontend, FrontendKind},
     model::{Desired, DesiredBackend, DesiredFrontend},
     sorted::diff,
 };
@@ -44,6 +44,9 @@ pub struct NodeSettings {
     pub nat_ports: (u16, u16),
     /// Hand translated packets to the host stack rather than redirect them.
     pub via_stack: bool,
+    /// The service CIDRs (`--service-cidr`): the ClusterIP catch-all
+    /// rejects unused ports of allocated ClusterIPs and drops the rest.
+    pub service_cidrs: Vec<Ipv4Net>,
 }
 
 impl NodeSettings {
@@ -81,6 +84,8 @@ pub struct Reconciler {
     /// adoption): deleted at the end of the plan if nothing names them.
     maybe_stale: BTreeSet<BackendAddr>,
     node_addrs: BTreeSet<[u8; 4]>,
+    cluster_ips: BTreeSet<[u8; 4]>,
+    service_cidrs: BTreeSet<Ipv4Net>,
     config: Option<Config>,
     next_backend_id: u32,
     free_frontend_ids: BTreeSet<u32>,
@@ -249,6 +254,18 @@ impl Reconciler {
         for addr in addresses.difference(&self.node_addrs) {
             ops.push(Op::PutNodeAddr(*addr));
         }
+        // The catch-all's sets: additions first (a new ClusterIP is
+        // rejected rather than dropped until its frontends are in), removals
+        // last, after the frontends that use them.
+        let cluster_ips: BTreeSet<[u8; 4]> = desired
+            .frontends
+            .iter()
+            .filter(|(_, fe)| fe.kind == FrontendKind::ClusterIp)
+            .filter_map(|(k, _)| keys::ipv4(k.ip).ok())
+            .collect();
+        let service_cidrs: BTreeSet<Ipv4Net> = node.service_cidrs.iter().copied().collect();
+        ops.extend(service_cidrs.difference(&self.service_cidrs).copied().map(Op::PutServiceCidr));
+        ops.extend(cluster_ips.difference(&self.cluster_ips).copied().map(Op::PutClusterIp));
 
         // Only frontends that differ from what was last applied need work,
         // so one endpoint change costs that frontend, not the whole table.
@@ -363,6 +380,10 @@ impl Reconciler {
         let old_addrs: Vec<[u8; 4]> = self.node_addrs.difference(&addresses).copied().collect();
         ops.extend(old_addrs.into_iter().map(Op::DelNodeAddr));
         self.node_addrs = addresses;
+        ops.extend(self.cluster_ips.difference(&cluster_ips).copied().map(Op::DelClusterIp));
+        ops.extend(self.service_cidrs.difference(&service_cidrs).copied().map(Op::DelServiceCidr));
+        self.cluster_ips = cluster_ips;
+        self.service_cidrs = service_cidrs;
         Ok(ops)
     }
 
@@ -517,6 +538,8 @@ impl Reconciler {
         r.next_frontend_id = used_ids.last().map_or(1, |max| max + 1);
         r.free_frontend_ids = (1..r.next_frontend_id).filter(|id| !used_ids.contains(id)).collect();
         r.node_addrs = maps.node_addrs.clone();
+        r.cluster_ips = maps.cluster_ips.clone();
+        r.service_cidrs = maps.service_cidrs.clone();
         r.config = maps.config.filter(|c| *c != Config::default());
         Ok(r)
     }

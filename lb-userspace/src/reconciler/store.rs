@@ -22,6 +22,10 @@ pub enum Op {
     PutConfig(Config),
     PutNodeAddr([u8; 4]),
     DelNodeAddr([u8; 4]),
+    PutClusterIp([u8; 4]),
+    DelClusterIp([u8; 4]),
+    PutServiceCidr(Ipv4Net),
+    DelServiceCidr(Ipv4Net),
     PutBackend(u32, Backend),
     DelBackend(u32),
     PutSlot(SlotKey, u32),
@@ -43,6 +47,8 @@ impl Op {
         match self {
             Op::PutConfig(_) => &reg::CONFIG,
             Op::PutNodeAddr(_) | Op::DelNodeAddr(_) => &reg::NODE_ADDRS,
+            Op::PutClusterIp(_) | Op::DelClusterIp(_) => &reg::CLUSTER_IPS,
+            Op::PutServiceCidr(_) | Op::DelServiceCidr(_) => &reg::SERVICE_CIDRS,
             Op::PutBackend(..) | Op::DelBackend(_) => &reg::BACKENDS,
             Op::PutSlot(..) | Op::DelSlot(_) => &reg::SLOTS,
             Op::PutAffinityMatch(_) | Op::DelAffinityMatch(_) => &reg::AFFINITY_MATCH,
@@ -97,6 +103,8 @@ pub trait MapStore {
 pub struct Programmed {
     pub config: Option<Config>,
     pub node_addrs: BTreeSet<[u8; 4]>,
+    pub cluster_ips: BTreeSet<[u8; 4]>,
+    pub service_cidrs: BTreeSet<Ipv4Net>,
     pub backends: BTreeMap<u32, Backend>,
     pub slots: BTreeMap<SlotKey, u32>,
     pub affinity_match: BTreeSet<AffinityMatchKey>,
@@ -113,6 +121,10 @@ impl Programmed {
             Op::PutConfig(c) => self.config = Some(*c),
             Op::PutNodeAddr(a) => drop(self.node_addrs.insert(*a)),
             Op::DelNodeAddr(a) => drop(self.node_addrs.remove(a)),
+            Op::PutClusterIp(a) => drop(self.cluster_ips.insert(*a)),
+            Op::DelClusterIp(a) => drop(self.cluster_ips.remove(a)),
+            Op::PutServiceCidr(n) => drop(self.service_cidrs.insert(*n)),
+            Op::DelServiceCidr(n) => drop(self.service_cidrs.remove(n)),
             Op::PutBackend(id, b) => drop(self.backends.insert(*id, *b)),
             Op::DelBackend(id) => drop(self.backends.remove(id)),
             Op::PutSlot(k, b) => drop(self.slots.insert(*k, *b)),
@@ -134,6 +146,8 @@ impl Programmed {
         match map.name {
             n if n == reg::CONFIG.name => usize::from(self.config.is_some()),
             n if n == reg::NODE_ADDRS.name => self.node_addrs.len(),
+            n if n == reg::CLUSTER_IPS.name => self.cluster_ips.len(),
+            n if n == reg::SERVICE_CIDRS.name => self.service_cidrs.len(),
             n if n == reg::BACKENDS.name => self.backends.len(),
             n if n == reg::SLOTS.name => self.slots.len(),
             n if n == reg::AFFINITY_MATCH.name => self.affinity_match.len(),
@@ -159,6 +173,12 @@ impl Programmed {
         }
         for a in &self.node_addrs {
             let _ = writeln!(out, "lb_node_addrs {}", ip(*a));
+        }
+        for n in &self.service_cidrs {
+            let _ = writeln!(out, "lb_svc_cidrs {n}");
+        }
+        for a in &self.cluster_ips {
+            let _ = writeln!(out, "lb_cluster_ips {}", ip(*a));
         }
         for (k, v) in &self.services {
             let addr = if k.addr == [0; 4] { "*".to_string() } else { ip(k.addr).to_string() };
@@ -242,6 +262,8 @@ impl MemoryStore {
         let m = &self.maps;
         match op {
             Op::PutNodeAddr(a) => !m.node_addrs.contains(a),
+            Op::PutClusterIp(a) => !m.cluster_ips.contains(a),
+            Op::PutServiceCidr(n) => !m.service_cidrs.contains(n),
             Op::PutBackend(id, _) => !m.backends.contains_key(id),
             Op::PutSlot(k, _) => !m.slots.contains_key(k),
             Op::PutAffinityMatch(k) => !m.affinity_match.contains(k),
