@@ -31,22 +31,24 @@ pub enum Forwarding {
     /// Destination NAT only: the reply passes this node anyway.
     Direct,
     /// Also source NAT to this node, so that the reply comes back here to
-    /// be translated: an external client reaching a backend on another node.
+    /// be translated: an external client reaching a backend on another
+    /// node, or a pod reaching itself through its Service (hairpin), whose
+    /// reply to its own address would never leave it. kube-proxy
+    /// masquerades both.
     Snat,
 }
 
 #[inline(always)]
-pub fn forwarding(origin: Origin, backend: &Backend) -> Forwarding {
-    if origin == Origin::External && backend.flags & backend_flags::LOCAL == 0 {
-        Forwarding::Snat
-    } else {
-        Forwarding::Direct
-    }
+pub fn forwarding(origin: Origin, backend: &Backend, client: [u8; 4]) -> Forwarding {
+    let remote_from_outside = origin == Origin::External && backend.flags & backend_flags::LOCAL == 0;
+    let hairpin = origin == Origin::Pod && backend.addr == client;
+    if remote_from_outside || hairpin { Forwarding::Snat } else { Forwarding::Direct }
 }
 
 /// `redirects`: the hook forwards translated packets itself, around the
-/// host stack (TC); a new flow from outside is then marked to do so both
-/// ways, unless the operator asked for the stack (`VIA_STACK`).
+/// host stack (TC); a new flow from outside (or a hairpin flow, both of
+/// whose directions pass this hook) is then marked to do so both ways,
+/// unless the operator asked for the stack (`VIA_STACK`).
 #[inline(always)]
 pub fn process(pkt: &Packet, origin: Origin, redirects: bool) -> Verdict {
     let now = conntrack::now();
@@ -60,10 +62,9 @@ pub fn process(pkt: &Packet, origin: Origin, redirects: bool) -> Verdict {
     }
     match lb::frontend(pkt.key.daddr, pkt.key.dport, pkt.key.proto, origin) {
         Some(fe) => {
-            let bypass = redirects
-                && origin == Origin::External
-                && maps::config().is_none_or(|c| c.flags & config_flags::VIA_STACK == 0);
-            new_flow(pkt, &fe, origin, bypass)
+            let may_bypass =
+                redirects && maps::config().is_none_or(|c| c.flags & config_flags::VIA_STACK == 0);
+            new_flow(pkt, &fe, origin, may_bypass)
         }
         None => match lb::unserved(pkt.key.daddr) {
             Unserved::Pass => Verdict::Pass,
@@ -76,7 +77,7 @@ pub fn process(pkt: &Packet, origin: Origin, redirects: bool) -> Verdict {
 // Its own BPF function: a stack frame apart from the established-flow path
 // (and at most five arguments, the verdict's pointer included).
 #[inline(never)]
-fn new_flow(pkt: &Packet, fe: &Frontend, origin: Origin, bypass: bool) -> Verdict {
+fn new_flow(pkt: &Packet, fe: &Frontend, origin: Origin, may_bypass: bool) -> Verdict {
     let now = conntrack::now();
     if pkt.proto == L4::Tcp && pkt.tcp_flags & ct_tcp::SYN == 0 {
         // Mid-stream: this flow's entries were evicted or have expired.
@@ -88,7 +89,9 @@ fn new_flow(pkt: &Packet, fe: &Frontend, origin: Origin, bypass: bool) -> Verdic
         Choice::Reject => return Verdict::Reject(Drop::Rejected),
         Choice::Drop(reason) => return Verdict::Drop(reason),
     };
-    match open(pkt, fe.id, backend_id, &backend, forwarding(origin, &backend), bypass, now) {
+    let how = forwarding(origin, &backend, client);
+    let bypass = may_bypass && (origin == Origin::External || how == Forwarding::Snat);
+    match open(pkt, fe.id, backend_id, &backend, how, bypass, now) {
         Ok(nat) => {
             lb::remember(fe, client, backend_id, now);
             count_packet(fe.id, pkt.ip_len as u32, true);

@@ -78,6 +78,42 @@ fn clusterip_from_pod_is_dnated_and_tracked() {
 
 #[test]
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn a_pod_reaching_itself_through_its_service_is_source_natted_to_the_node() {
+    let mut bed = bed();
+    for l4 in [L4::Tcp, L4::Udp] {
+        bed.service(frontend(CLUSTER_IP, 80, l4), FrontendKind::ClusterIp, &[Be::local(LOCAL_POD, 8080)])
+            .unwrap();
+        let (request, answer) = match l4 {
+            L4::Tcp => (tcp((LOCAL_POD, 40000), (CLUSTER_IP, 80), "S", b""), None),
+            _ => (udp((LOCAL_POD, 40000), (CLUSTER_IP, 80), b"q"), Some(())),
+        };
+        let out = bed.tc(&request).unwrap();
+        let seen = parse_checked(&out.frame);
+        assert_eq!(seen.dst, (LOCAL_POD, 8080), "{l4:?}: to the pod itself");
+        assert_eq!(
+            seen.src.0, NODE_ADDR,
+            "{l4:?}: from the node's address, so that the reply leaves the pod"
+        );
+        let nat_port = seen.src.1;
+        assert!(nat_port >= 61000, "{l4:?}: a claimed NAT port, {nat_port}");
+        let reply = match answer {
+            None => tcp((LOCAL_POD, 8080), (NODE_ADDR, nat_port), "SA", b""),
+            Some(()) => udp((LOCAL_POD, 8080), (NODE_ADDR, nat_port), b"a"),
+        };
+        let back = parse_checked(&bed.tc(&reply).unwrap().frame);
+        assert_eq!(
+            (back.src, back.dst),
+            ((CLUSTER_IP, 80), (LOCAL_POD, 40000)),
+            "{l4:?}: the service answers"
+        );
+    }
+    // Another pod of the same backend is not source-NATed.
+    let out = bed.tc(&tcp((POD_CLIENT, 40001), (CLUSTER_IP, 80), "S", b"")).unwrap();
+    assert_eq!(parse_checked(&out.frame).src, (POD_CLIENT, 40001));
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn reply_of_local_backend_is_translated_at_tc() {
     let mut bed = bed();
     bed.service(frontend(CLUSTER_IP, 53, L4::Udp), FrontendKind::ClusterIp, &[Be::local(LOCAL_POD, 5353)])

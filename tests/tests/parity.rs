@@ -138,3 +138,57 @@ fn the_cluster_ip_catch_all_refuses_unused_ports_and_drops_unallocated_addresses
     assert!(count("rejected_cluster_ip_port") >= 2, "{stats}");
     assert!(count("unallocated_cluster_ip") >= 2, "{stats}");
 }
+
+const SELF: &str = "apiVersion: v1
+kind: Service
+metadata:
+  name: itself
+  namespace: default
+spec:
+  clusterIP: 10.96.0.51
+  ports:
+    - name: http
+      port: 80
+      targetPort: 8080
+    - name: dns
+      port: 53
+      protocol: UDP
+      targetPort: 5353
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: itself-1
+  namespace: default
+  labels:
+    kubernetes.io/service-name: itself
+addressType: IPv4
+ports:
+  - name: http
+    port: 8080
+  - name: dns
+    port: 5353
+    protocol: UDP
+endpoints:
+  - addresses: [\"10.244.1.10\"]
+    nodeName: node-1
+";
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn hairpin_a_pod_reaches_itself_through_its_service_tcp_and_udp() {
+    let c = cluster();
+    c.write_manifest("itself.yaml", SELF).unwrap();
+    let web_a = &c.pod("web-a").ns;
+    eventually(web_a, "http://10.96.0.51/whoami", "web-a through its own Service", |a| {
+        a.iter().all(|x| x.starts_with("web-a "))
+    });
+    // kube-proxy masquerades hairpin traffic: the pod sees the node.
+    let seen = Cluster::http(web_a, "http://10.96.0.51/whoami", 1).unwrap();
+    assert_eq!(seen, [format!("web-a {}", NODE_ADDRS[0])]);
+    let tcp = Cluster::http(web_a, "http://10.96.0.51/", 1000).unwrap();
+    assert_eq!(tally(&tcp).get("web-a"), Some(&1000), "1,000 of 1,000 TCP: {:?}", tally(&tcp));
+    let udp = Cluster::udp(web_a, "10.96.0.51:53", 1000).unwrap();
+    let answered = udp.iter().filter(|a| a.starts_with("web-a:")).count();
+    assert_eq!(answered, 1000, "1,000 of 1,000 UDP: {:?}", tally(&udp));
+}

@@ -23,12 +23,13 @@ use std::{
 use anyhow::{Context as _, Result};
 use ipnet::Ipv4Net;
 use lb_common::{
-    AffinityMatchKey, Backend, Config, Scope, ServiceName, SlotKey, config_flags, frontend_flags, registry,
+    AffinityMatchKey, Backend, Config, FrontendKind, Scope, ServiceName, SlotKey, config_flags,
+    frontend_flags, registry,
 };
 
 pub use self::store::{MapStore, MemoryStore, Op, Programmed, StoreError};
 use crate::{
-    frontend::{BackendAddr, Frontend, FrontendKind},
+    frontend::{BackendAddr, Frontend},
     model::{Desired, DesiredBackend, DesiredFrontend},
     sorted::diff,
 };
@@ -254,18 +255,12 @@ impl Reconciler {
         for addr in addresses.difference(&self.node_addrs) {
             ops.push(Op::PutNodeAddr(*addr));
         }
-        // The catch-all's sets: additions first (a new ClusterIP is
-        // rejected rather than dropped until its frontends are in), removals
-        // last, after the frontends that use them.
-        let cluster_ips: BTreeSet<[u8; 4]> = desired
-            .frontends
-            .iter()
-            .filter(|(_, fe)| fe.kind == FrontendKind::ClusterIp)
-            .filter_map(|(k, _)| keys::ipv4(k.ip).ok())
-            .collect();
+        // The catch-all's ranges first; its ClusterIPs at the end, those of
+        // the frontends programmed (so they fit the map, sized as
+        // lb_services): a new ClusterIP's other ports are dropped rather
+        // than refused for the moment between.
         let service_cidrs: BTreeSet<Ipv4Net> = node.service_cidrs.iter().copied().collect();
         ops.extend(service_cidrs.difference(&self.service_cidrs).copied().map(Op::PutServiceCidr));
-        ops.extend(cluster_ips.difference(&self.cluster_ips).copied().map(Op::PutClusterIp));
 
         // Only frontends that differ from what was last applied need work,
         // so one endpoint change costs that frontend, not the whole table.
@@ -380,6 +375,13 @@ impl Reconciler {
         let old_addrs: Vec<[u8; 4]> = self.node_addrs.difference(&addresses).copied().collect();
         ops.extend(old_addrs.into_iter().map(Op::DelNodeAddr));
         self.node_addrs = addresses;
+        let cluster_ips: BTreeSet<[u8; 4]> = self
+            .frontends
+            .iter()
+            .filter(|(_, f)| f.value.kind == FrontendKind::ClusterIp as u8)
+            .filter_map(|(k, _)| keys::ipv4(k.ip).ok())
+            .collect();
+        ops.extend(cluster_ips.difference(&self.cluster_ips).copied().map(Op::PutClusterIp));
         ops.extend(self.cluster_ips.difference(&cluster_ips).copied().map(Op::DelClusterIp));
         ops.extend(self.service_cidrs.difference(&service_cidrs).copied().map(Op::DelServiceCidr));
         self.cluster_ips = cluster_ips;
