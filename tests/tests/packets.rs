@@ -348,24 +348,39 @@ fn session_affinity_keeps_a_client_on_one_backend() {
 
 #[test]
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
-fn flow_moves_only_when_its_backend_is_removed() {
+fn a_removed_backend_moves_udp_flows_and_keeps_tcp_connections() {
     let mut bed = bed();
     let backends = [Be::local([10, 244, 1, 21], 8080), Be::local([10, 244, 1, 22], 8080)];
-    bed.service(frontend(CLUSTER_IP, 80, L4::Tcp), FrontendKind::ClusterIp, &backends).unwrap();
-    let syn = tcp((POD_CLIENT, 40000), (CLUSTER_IP, 80), "S", b"");
-    let first = parse_checked(&bed.tc(&syn).unwrap().frame).dst;
+    for l4 in [L4::Tcp, L4::Udp] {
+        bed.service(frontend(CLUSTER_IP, 80, l4), FrontendKind::ClusterIp, &backends).unwrap();
+    }
+    let tcp_first =
+        parse_checked(&bed.tc(&tcp((POD_CLIENT, 40000), (CLUSTER_IP, 80), "S", b"")).unwrap().frame).dst;
+    let datagram = udp((POD_CLIENT, 40000), (CLUSTER_IP, 80), b"x");
+    let udp_first = parse_checked(&bed.tc(&datagram).unwrap().frame).dst;
     let data = tcp((POD_CLIENT, 40000), (CLUSTER_IP, 80), "A", b"x");
     for _ in 0..10 {
-        assert_eq!(parse_checked(&bed.tc(&data).unwrap().frame).dst, first);
+        assert_eq!(parse_checked(&bed.tc(&data).unwrap().frame).dst, tcp_first);
+        assert_eq!(parse_checked(&bed.tc(&datagram).unwrap().frame).dst, udp_first);
     }
-    // Remove the chosen backend (as an endpoint change does): the flow
-    // must pick the other one.
-    let other = backends.iter().map(|b| (b.addr, b.port)).find(|a| *a != first).unwrap();
-    bed.update(frontend(CLUSTER_IP, 80, L4::Tcp), |fe| {
-        fe.backends.retain(|b| (b.addr, b.port) == (other.0.into(), other.1));
-    })
-    .unwrap();
-    assert_eq!(parse_checked(&bed.tc(&data).unwrap().frame).dst, other);
+    // Each chosen backend leaves its Service (an endpoint change): the UDP
+    // flow moves to the live one at once (kube-proxy flushes UDP
+    // conntrack); the TCP connection keeps its backend, as with kube-proxy.
+    for (l4, first) in [(L4::Tcp, tcp_first), (L4::Udp, udp_first)] {
+        bed.update(frontend(CLUSTER_IP, 80, l4), |fe| {
+            fe.backends.retain(|b| (b.addr, b.port) != (first.0.into(), first.1))
+        })
+        .unwrap();
+    }
+    let udp_other = backends.iter().map(|b| (b.addr, b.port)).find(|a| *a != udp_first).unwrap();
+    assert_eq!(parse_checked(&bed.tc(&datagram).unwrap().frame).dst, udp_other);
+    assert_eq!(parse_checked(&bed.tc(&data).unwrap().frame).dst, tcp_first);
+    // New connections avoid the removed backend.
+    let tcp_other = backends.iter().map(|b| (b.addr, b.port)).find(|a| *a != tcp_first).unwrap();
+    for port in 41000..41010 {
+        let syn = tcp((POD_CLIENT, port), (CLUSTER_IP, 80), "S", b"");
+        assert_eq!(parse_checked(&bed.tc(&syn).unwrap().frame).dst, tcp_other);
+    }
 }
 
 #[test]

@@ -192,3 +192,180 @@ fn hairpin_a_pod_reaches_itself_through_its_service_tcp_and_udp() {
     let answered = udp.iter().filter(|a| a.starts_with("web-a:")).count();
     assert_eq!(answered, 1000, "1,000 of 1,000 UDP: {:?}", tally(&udp));
 }
+
+/// A one-port Service `name` of `protocol` on `cluster_ip:port` (→ 8080 for
+/// TCP, 5353 for UDP), with `extra` spec lines, and one slice of ready
+/// `(address, node)` endpoints.
+fn service(
+    name: &str,
+    cluster_ip: &str,
+    protocol: &str,
+    port: u16,
+    extra: &str,
+    eps: &[(&str, &str)],
+) -> String {
+    let target = if protocol == "UDP" { 5353 } else { 8080 };
+    let endpoints: String =
+        eps.iter().map(|(a, n)| format!("  - addresses: [\"{a}\"]\n    nodeName: {n}\n")).collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  clusterIP: {cluster_ip}\n\
+         {extra}  ports:\n    - port: {port}\n      protocol: {protocol}\n      targetPort: {target}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  \
+         labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\nports:\n  - port: {target}\n    \
+         protocol: {protocol}\nendpoints:\n{endpoints}"
+    )
+}
+
+/// `lb-netcheck`'s timed lines (`<ms> <answer>`), from a finished child.
+fn timed(child: std::process::Child) -> Vec<(u64, String)> {
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(ms, a)| (ms.parse().unwrap(), a.to_string()))
+        .collect()
+}
+
+/// The first answer from `who` after `after_ms`, and that nothing else
+/// answered from then on.
+fn moved_to(lines: &[(u64, String)], who: &str, after_ms: u64) -> u64 {
+    let first = lines.iter().find(|(ms, a)| *ms >= after_ms && a.starts_with(who));
+    let Some((at, _)) = first else { panic!("never reached {who}: {lines:?}") };
+    let later: Vec<_> = lines.iter().filter(|(ms, _)| ms > at).filter(|(_, a)| !a.starts_with(who)).collect();
+    assert!(later.is_empty(), "only {who} after {at} ms: {later:?}");
+    at - after_ms
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn conntrack_udp_traffic_survives_the_server_pod_cycling_for_cluster_ip_node_port_local_policy_and_host_clients()
+ {
+    let mut c = cluster();
+    // The upstream test's client: one source port, a new socket per query.
+    let only = |addr: &str| {
+        let mut yaml = service("cycle", "10.96.0.52", "UDP", 53, "  type: NodePort\n", &[(addr, "node-1")]);
+        yaml = yaml.replace("      targetPort: 5353\n", "      targetPort: 5353\n      nodePort: 30520\n");
+        let mut local = service(
+            "cycle-local",
+            "10.96.0.53",
+            "UDP",
+            53,
+            "  internalTrafficPolicy: Local\n",
+            &[(addr, "node-1")],
+        );
+        local.insert_str(0, "---\n");
+        yaml + &local
+    };
+    c.write_manifest("cycle.yaml", &only("10.244.1.10")).unwrap();
+    let answered = wait_for(Duration::from_secs(5), || {
+        (Cluster::udp(&c.pod("client-pod").ns, "10.96.0.52:53", 1).ok()? == ["web-a:q0"]).then_some(())
+    });
+    assert!(answered.is_some(), "the UDP service answers");
+    let pod = &c.pod("client-pod").ns;
+    let clients = vec![
+        (
+            "pod → ClusterIP",
+            Cluster::netcheck_spawn(pod, &["udp-loop", "10.96.0.52:53", "40052", "4000"]).unwrap(),
+        ),
+        (
+            "pod → iTP=Local",
+            Cluster::netcheck_spawn(pod, &["udp-loop", "10.96.0.53:53", "40053", "4000"]).unwrap(),
+        ),
+        (
+            "outside → NodePort",
+            Cluster::netcheck_spawn(
+                &c.client,
+                &["udp-loop", &format!("{}:30520", NODE_ADDRS[0]), "40054", "4000"],
+            )
+            .unwrap(),
+        ),
+        (
+            "node → ClusterIP",
+            Cluster::netcheck_spawn(&c.host(0), &["udp-loop", "10.96.0.52:53", "40055", "4000"]).unwrap(),
+        ),
+    ];
+    let started = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(1000));
+    // The server pod cycles: a new pod (new address) takes over, the old one
+    // goes, from every slice that listed it (the examples' echo-udp too).
+    c.add_pod(lb_tests::cluster::PodSpec::new("web-new", 0, "10.244.1.20")).unwrap();
+    let echo_udp = std::fs::read_to_string(c.manifests.join("07-udp.yaml")).unwrap();
+    let without_web_a = echo_udp.replace("  - addresses: [\"10.244.1.10\"]\n    nodeName: node-1\n", "");
+    assert_ne!(echo_udp, without_web_a, "web-a is in echo-udp's slice");
+    c.write_manifest("07-udp.yaml", &without_web_a).unwrap();
+    c.write_manifest("cycle.yaml", &only("10.244.1.20")).unwrap();
+    let changed = started.elapsed().as_millis() as u64;
+    c.pods.retain(|p| p.spec.name != "web-a");
+    for (what, child) in clients {
+        let lines = timed(child);
+        assert!(lines.iter().any(|(_, a)| a.starts_with("web-a:")), "{what}: web-a first: {lines:?}");
+        let gap = moved_to(&lines, "web-new:", changed);
+        assert!(gap <= 1000, "{what}: moved {gap} ms after the change: {lines:?}");
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn conntrack_udp_traffic_flows_as_soon_as_initially_unready_endpoints_get_ready() {
+    let c = cluster();
+    let unready = service("late", "10.96.0.54", "UDP", 53, "", &[("10.244.1.10", "node-1")])
+        .replace("    nodeName: node-1\n", "    nodeName: node-1\n    conditions: {ready: false}\n");
+    c.write_manifest("late.yaml", &unready).unwrap();
+    let pod = &c.pod("client-pod").ns;
+    let refused = wait_for(Duration::from_secs(5), || {
+        (Cluster::udp(pod, "10.96.0.54:53", 1).ok()? == ["refused"]).then_some(())
+    });
+    assert!(refused.is_some(), "no ready endpoint: refused");
+    let client = Cluster::netcheck_spawn(pod, &["udp-loop", "10.96.0.54:53", "40056", "2500"]).unwrap();
+    let started = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(800));
+    c.write_manifest(
+        "late.yaml",
+        &service("late", "10.96.0.54", "UDP", 53, "", &[("10.244.1.10", "node-1")]),
+    )
+    .unwrap();
+    let changed = started.elapsed().as_millis() as u64;
+    let lines = timed(client);
+    assert!(
+        lines.iter().any(|(_, a)| a.contains("refused") || a.contains("error")),
+        "refused first: {lines:?}"
+    );
+    let gap = moved_to(&lines, "web-a:", changed);
+    assert!(gap <= 1000, "answers {gap} ms after the endpoint got ready: nothing cached from the reject");
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn tcp_connections_to_an_endpoint_that_left_the_slice_keep_working_and_new_ones_avoid_it() {
+    let c = cluster();
+    let echo = |addr: &str, node: &str| {
+        service("echo", "10.96.0.55", "TCP", 7000, "", &[(addr, node)])
+            .replace("targetPort: 8080", "targetPort: 7000")
+            .replace("  - port: 8080\n", "  - port: 7000\n")
+    };
+    c.write_manifest("echo.yaml", &echo("10.244.1.10", "node-1")).unwrap();
+    let pod = &c.pod("client-pod").ns;
+    let up = wait_for(Duration::from_secs(5), || {
+        Cluster::netcheck(pod, &["connect", "10.96.0.55:7000"]).ok()?[0].starts_with("ok ").then_some(())
+    });
+    assert!(up.is_some());
+    let from_pod = Cluster::stream(pod, "10.96.0.55:7000", 3).unwrap();
+    let from_node = Cluster::netcheck_spawn(&c.host(0), &["stream", "10.96.0.55:7000", "3"]).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    // web-a leaves the slice (still running, as a terminating pod would).
+    c.write_manifest("echo.yaml", &echo("10.244.2.10", "node-2")).unwrap();
+    let web = service("web-echo-check", "10.96.0.56", "TCP", 80, "", &[("10.244.2.10", "node-2")]);
+    c.write_manifest("echo-check.yaml", &web).unwrap();
+    eventually(pod, "http://10.96.0.56/", "the change is applied", |a| a.iter().all(|x| x == "web-c"));
+    for (what, child) in [("pod", from_pod), ("node", from_node)] {
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.starts_with("ok "), "{what}: the stream kept going: {text}");
+    }
+    // New connections go to the endpoint that is left.
+    let seen = Cluster::netcheck(pod, &["connect", "10.96.0.55:7000"]).unwrap();
+    assert!(seen[0].starts_with("ok "), "{seen:?}");
+    let answer = Cluster::http(pod, "http://10.96.0.56/", 3).unwrap();
+    assert!(answer.iter().all(|a| a == "web-c"), "{answer:?}");
+}

@@ -19,6 +19,10 @@
 //! - `udp-hold ADDR:PORT MILLIS`: a connected UDP socket asking every 20 ms,
 //!   as a long-lived client does; when the socket fails it reports the
 //!   error and connects a new one. Prints `<ms since start> <answer>`.
+//! - `udp-loop ADDR:PORT SRCPORT MILLIS`: a query every 50 ms, each from a
+//!   new socket bound to the same source port (Kubernetes' conntrack e2e
+//!   client: `nc -u -p SRCPORT` in a loop), so every datagram is the same
+//!   flow to the network. Prints `<ms since start> <answer>`.
 
 use std::{
     io::{ErrorKind, Read, Write},
@@ -39,9 +43,11 @@ fn main() -> Result<()> {
         ["udp-from", to, count] => udp_from(to, count.parse()?),
         ["udp-peer", to] => udp_peer(to),
         ["udp-hold", to, millis] => udp_hold(to, Duration::from_millis(millis.parse()?)),
+        ["udp-loop", to, src, millis] => udp_loop(to, src.parse()?, Duration::from_millis(millis.parse()?)),
         _ => bail!(
             "usage: lb-netcheck serve NAME | udp ADDR:PORT COUNT | stream ADDR:PORT SECONDS | http-close PORT \
-             | connect ADDR:PORT | udp-from ADDR:PORT COUNT | udp-peer ADDR:PORT | udp-hold ADDR:PORT MILLIS"
+             | connect ADDR:PORT | udp-from ADDR:PORT COUNT | udp-peer ADDR:PORT | udp-hold ADDR:PORT MILLIS \
+             | udp-loop ADDR:PORT SRCPORT MILLIS"
         ),
     }
 }
@@ -216,6 +222,33 @@ fn udp_hold(to: &str, duration: Duration) -> Result<()> {
             Err(e) => println!("{ms} error {e}"),
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn udp_loop(to: &str, src: u16, duration: Duration) -> Result<()> {
+    let started = Instant::now();
+    let mut i = 0u64;
+    while started.elapsed() < duration {
+        i += 1;
+        let ms = started.elapsed().as_millis();
+        // The previous socket is closed: its port is free again at once.
+        let answer = UdpSocket::bind(("0.0.0.0", src)).and_then(|s| {
+            s.set_read_timeout(Some(Duration::from_millis(200)))?;
+            s.connect(to)?;
+            s.send(format!("l{i}").as_bytes())?;
+            let mut buf = [0u8; 1500];
+            let n = s.recv(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        });
+        match answer {
+            Ok(a) => println!("{ms} {a}"),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                println!("{ms} timeout")
+            }
+            Err(e) => println!("{ms} error {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
 }
