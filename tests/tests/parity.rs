@@ -369,3 +369,178 @@ fn tcp_connections_to_an_endpoint_that_left_the_slice_keep_working_and_new_ones_
     let answer = Cluster::http(pod, "http://10.96.0.56/", 3).unwrap();
     assert!(answer.iter().all(|a| a == "web-c"), "{answer:?}");
 }
+
+/// Waits (at most 1 s, the issue's bound) until `check` holds; how long it took.
+fn within_a_second(what: &str, mut check: impl FnMut() -> bool) -> Duration {
+    let started = std::time::Instant::now();
+    let ok = wait_for(Duration::from_millis(1000), || check().then_some(()));
+    assert!(ok.is_some(), "{what}: not within 1 s");
+    started.elapsed()
+}
+
+fn typed(kind: &str) -> String {
+    let spec = match kind {
+        "ExternalName" => "  type: ExternalName\n  externalName: db.example.com\n".to_string(),
+        "ClusterIP" => "  type: ClusterIP\n  clusterIP: 10.96.0.57\n".to_string(),
+        _ => "  type: NodePort\n  clusterIP: 10.96.0.57\n".to_string(),
+    };
+    let node_port = if kind == "NodePort" { "      nodePort: 30570\n" } else { "" };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: morph\n  namespace: default\nspec:\n{spec}  ports:\n    - port: 80\n      \
+         targetPort: 8080\n{node_port}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: morph-1\n  \
+         namespace: default\n  labels:\n    kubernetes.io/service-name: morph\naddressType: IPv4\nports:\n  - port: 8080\n\
+         endpoints:\n  - addresses: [\"10.244.2.10\"]\n    nodeName: node-2\n"
+    )
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn services_change_type_external_name_cluster_ip_node_port_and_back_and_a_deleted_node_port_is_released() {
+    let c = cluster();
+    let pod = &c.pod("client-pod").ns;
+    let node_port = format!("http://{}:30570/", NODE_ADDRS[0]);
+    let cluster_ip = || Cluster::http_once(pod, "http://10.96.0.57/", 1).as_deref() == Ok("web-c");
+    let via_node = || Cluster::http_once(&c.client, &node_port, 1).as_deref() == Ok("web-c");
+    c.write_manifest("morph.yaml", &typed("ExternalName")).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!cluster_ip(), "ExternalName: no ClusterIP");
+    c.write_manifest("morph.yaml", &typed("ClusterIP")).unwrap();
+    within_a_second("ExternalName → ClusterIP answers", cluster_ip);
+    c.write_manifest("morph.yaml", &typed("NodePort")).unwrap();
+    within_a_second("ClusterIP → NodePort answers on the node port", via_node);
+    assert!(cluster_ip(), "and still on the ClusterIP");
+    c.write_manifest("morph.yaml", &typed("ClusterIP")).unwrap();
+    within_a_second("NodePort → ClusterIP releases the node port", || !via_node());
+    assert!(cluster_ip());
+    c.write_manifest("morph.yaml", &typed("ExternalName")).unwrap();
+    within_a_second("ClusterIP → ExternalName stops the ClusterIP", || !cluster_ip());
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn services_serve_the_same_port_for_tcp_and_udp_and_removing_udp_stops_only_udp() {
+    let c = cluster();
+    let both = |udp: bool| {
+        let udp_port = if udp {
+            "    - name: dns\n      port: 53\n      protocol: UDP\n      targetPort: 5353\n"
+        } else {
+            ""
+        };
+        let udp_slice = if udp { "  - name: dns\n    port: 5353\n    protocol: UDP\n" } else { "" };
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: dual\n  namespace: default\nspec:\n  clusterIP: 10.96.0.58\n  \
+             ports:\n    - name: tcp\n      port: 53\n      protocol: TCP\n      targetPort: 8080\n{udp_port}---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dual-1\n  namespace: default\n  \
+             labels:\n    kubernetes.io/service-name: dual\naddressType: IPv4\nports:\n  - name: tcp\n    port: 8080\n{udp_slice}\
+             endpoints:\n  - addresses: [\"10.244.1.10\"]\n    nodeName: node-1\n"
+        )
+    };
+    c.write_manifest("dual.yaml", &both(true)).unwrap();
+    let pod = &c.pod("client-pod").ns;
+    let tcp_ok = || Cluster::http_once(pod, "http://10.96.0.58:53/", 1).as_deref() == Ok("web-a");
+    let udp_ok = || Cluster::udp(pod, "10.96.0.58:53", 1).is_ok_and(|a| a == ["web-a:q0"]);
+    within_a_second("TCP on port 53", tcp_ok);
+    within_a_second("UDP on port 53", udp_ok);
+    c.write_manifest("dual.yaml", &both(false)).unwrap();
+    within_a_second("UDP stops", || !udp_ok());
+    assert!(tcp_ok(), "TCP keeps working");
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn endpoint_slices_a_service_with_ports_and_endpoint_addresses_spread_over_several_slices() {
+    let c = cluster();
+    // Upstream's two conformance cases at once: one port per slice for the
+    // same pod, and a different pod per slice.
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: spread\n  namespace: default\nspec:\n  clusterIP: 10.96.0.59\n  \
+                ports:\n    - name: http\n      port: 80\n      targetPort: 8080\n    - name: alt\n      port: 81\n      \
+                targetPort: 9090\n";
+    let slice = |name: &str, port_name: &str, port: u16, addr: &str| {
+        format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  \
+             labels:\n    kubernetes.io/service-name: spread\naddressType: IPv4\nports:\n  - name: {port_name}\n    port: {port}\n\
+             endpoints:\n  - addresses: [\"{addr}\"]\n"
+        )
+    };
+    let all = format!(
+        "{yaml}{}{}{}",
+        slice("spread-a", "http", 8080, "10.244.1.10"),
+        slice("spread-b", "alt", 9090, "10.244.1.10"),
+        slice("spread-c", "http", 8080, "10.244.2.10")
+    );
+    c.write_manifest("spread.yaml", &all).unwrap();
+    let pod = &c.pod("client-pod").ns;
+    eventually(pod, "http://10.96.0.59:81/", "the alt port's slice", |a| a.iter().all(|x| x == "web-a:9090"));
+    let http = Cluster::http(pod, "http://10.96.0.59/", 30).unwrap();
+    assert_eq!(
+        tally(&http).keys().map(String::as_str).collect::<Vec<_>>(),
+        ["web-a", "web-c"],
+        "both slices' addresses serve the http port"
+    );
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn session_affinity_switches_from_client_ip_to_none_and_back() {
+    let c = cluster();
+    let affinity = |a: &str| {
+        let mut yaml = service(
+            "switch",
+            "10.96.0.60",
+            "TCP",
+            80,
+            &format!("  sessionAffinity: {a}\n"),
+            &[("10.244.1.10", "node-1"), ("10.244.1.11", "node-1"), ("10.244.2.10", "node-2")],
+        );
+        yaml.push('\n');
+        yaml
+    };
+    let pod = &c.pod("client-pod").ns;
+    c.write_manifest("switch.yaml", &affinity("ClientIP")).unwrap();
+    eventually(pod, "http://10.96.0.60/", "ClientIP sticks", |a| tally(a).len() == 1);
+    c.write_manifest("switch.yaml", &affinity("None")).unwrap();
+    eventually(pod, "http://10.96.0.60/", "None spreads", |a| tally(a).len() > 1);
+    c.write_manifest("switch.yaml", &affinity("ClientIP")).unwrap();
+    let mut sticky = Vec::new();
+    let stuck = wait_for(Duration::from_secs(5), || {
+        sticky = Cluster::http(pod, "http://10.96.0.60/", 20).ok()?;
+        (tally(&sticky).len() == 1).then_some(())
+    });
+    assert!(stuck.is_some(), "ClientIP sticks again: {:?}", tally(&sticky));
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn health_check_node_port_fails_when_only_terminating_endpoints_are_left_while_traffic_is_served() {
+    let c = cluster();
+    let lb = |conditions: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: draining\n  namespace: default\nspec:\n  type: LoadBalancer\n  \
+             clusterIP: 10.96.0.61\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32610\n  ports:\n    - port: 80\n      \
+             targetPort: 8080\n      nodePort: 30610\nstatus:\n  loadBalancer:\n    ingress:\n      - ip: 198.51.100.61\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: draining-1\n  namespace: default\n  \
+             labels:\n    kubernetes.io/service-name: draining\naddressType: IPv4\nports:\n  - port: 8080\nendpoints:\n  \
+             - addresses: [\"10.244.1.10\"]\n    nodeName: node-1\n    conditions: {conditions}\n"
+        )
+    };
+    let code = || {
+        let out = c
+            .client
+            .cmd("curl")
+            .args(["-s", "-m", "2", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("http://{}:32610/", NODE_ADDRS[0]))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    c.write_manifest("draining.yaml", &lb("{ready: true}")).unwrap();
+    let ok = wait_for(Duration::from_secs(5), || (code() == "200").then_some(()));
+    assert!(ok.is_some(), "a ready local endpoint: 200");
+    c.write_manifest("draining.yaml", &lb("{ready: false, serving: true, terminating: true}")).unwrap();
+    within_a_second("only a terminating endpoint: 503", || code() == "503");
+    // Traffic still reaches it (the terminating fallback), through the
+    // LoadBalancer IP and the NodePort.
+    for url in ["http://198.51.100.61/".to_string(), format!("http://{}:30610/", NODE_ADDRS[0])] {
+        assert_eq!(Cluster::http_once(&c.client, &url, 2).as_deref(), Ok("web-a"), "{url}");
+    }
+}

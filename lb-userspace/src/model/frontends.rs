@@ -12,8 +12,7 @@ use super::{
 };
 
 /// The frontends `spec`'s `port` asks for, given its endpoints `eps`; also
-/// the addresses of its local endpoints that take new connections (for
-/// the health check).
+/// the addresses of its ready local endpoints (for the health check).
 pub fn port_frontends(
     service: &str,
     spec: &ServiceSpec,
@@ -71,6 +70,9 @@ pub fn port_frontends(
         }
         out.push((key, fe));
     }
-    let local_ready = local.iter().map(|b| b.addr).collect();
+    // The health check counts ready local endpoints only: a node left with
+    // terminating ones still serves them but tells load balancers to go
+    // elsewhere (kube-proxy answers 503 then).
+    let local_ready = eps.iter().filter(|e| e.backend.local && e.ready).map(|e| e.backend.addr).collect();
     (out.into_iter().map(|(k, fe)| (k, Arc::new(fe))).collect(), local_ready)
 }
