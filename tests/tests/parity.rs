@@ -544,3 +544,195 @@ fn health_check_node_port_fails_when_only_terminating_endpoints_are_left_while_t
         assert_eq!(Cluster::http_once(&c.client, &url, 2).as_deref(), Ok("web-a"), "{url}");
     }
 }
+
+/// `service` with the endpoints given as `(address, node, conditions)`.
+fn with_conditions(name: &str, ip: &str, extra: &str, eps: &[(&str, &str, &str)]) -> String {
+    let plain: Vec<(&str, &str)> = eps.iter().map(|(a, n, _)| (*a, *n)).collect();
+    let mut yaml = service(name, ip, "TCP", 80, extra, &plain);
+    for (a, n, cond) in eps {
+        if !cond.is_empty() {
+            let at = format!("  - addresses: [\"{a}\"]\n    nodeName: {n}\n");
+            yaml = yaml.replace(&at, &format!("{at}    conditions: {cond}\n"));
+        }
+    }
+    yaml
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn services_should_serve_a_basic_endpoint_from_pods_as_its_endpoints_change() {
+    let c = cluster();
+    let pod = &c.pod("client-pod").ns;
+    let eps = |e: &[(&str, &str)]| service("basic", "10.96.0.62", "TCP", 80, "", e);
+    c.write_manifest("basic.yaml", &eps(&[("10.244.1.10", "node-1")])).unwrap();
+    eventually(pod, "http://10.96.0.62/", "pod1", |a| a.iter().all(|x| x == "web-a"));
+    c.write_manifest("basic.yaml", &eps(&[("10.244.1.10", "node-1"), ("10.244.2.10", "node-2")])).unwrap();
+    eventually(pod, "http://10.96.0.62/", "pod1 and pod2", |a| tally(a).len() == 2);
+    c.write_manifest("basic.yaml", &eps(&[("10.244.2.10", "node-2")])).unwrap();
+    eventually(pod, "http://10.96.0.62/", "pod2", |a| a.iter().all(|x| x == "web-c"));
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn services_should_preserve_source_pod_ip_for_traffic_thru_service_cluster_ip() {
+    let c = cluster();
+    let pod = &c.pod("client-pod").ns;
+    for (addr, node, who) in [("10.244.1.10", "node-1", "web-a"), ("10.244.2.10", "node-2", "web-c")] {
+        c.write_manifest("source.yaml", &service("source", "10.96.0.63", "TCP", 80, "", &[(addr, node)]))
+            .unwrap();
+        let want = format!("{who} 10.244.1.50");
+        eventually(pod, "http://10.96.0.63/whoami", &format!("{who} sees the pod's address"), |a| {
+            a.iter().all(|x| *x == want)
+        });
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn services_should_be_able_to_up_and_down_services_and_work_after_being_recreated() {
+    let c = cluster();
+    let pod = &c.pod("client-pod").ns;
+    let up = |ip: &str| service("updown", ip, "TCP", 80, "", &[("10.244.2.10", "node-2")]);
+    let answers = |from: &dyn Fn() -> Result<String, i32>| from().as_deref() == Ok("web-c");
+    c.write_manifest("updown.yaml", &up("10.96.0.64")).unwrap();
+    within_a_second("up, from a pod", || answers(&|| Cluster::http_once(pod, "http://10.96.0.64/", 1)));
+    assert!(answers(&|| Cluster::http_once(&c.host(0), "http://10.96.0.64/", 1)), "and from the node");
+    std::fs::remove_file(c.manifests.join("updown.yaml")).unwrap();
+    within_a_second("down", || !answers(&|| Cluster::http_once(pod, "http://10.96.0.64/", 1)));
+    assert!(!answers(&|| Cluster::http_once(&c.host(0), "http://10.96.0.64/", 1)), "down from the node too");
+    // Recreated, with another ClusterIP.
+    c.write_manifest("updown.yaml", &up("10.96.0.65")).unwrap();
+    within_a_second("recreated", || answers(&|| Cluster::http_once(pod, "http://10.96.0.65/", 1)));
+    assert!(answers(&|| Cluster::http_once(&c.host(1), "http://10.96.0.65/", 1)));
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn services_should_implement_service_proxy_name_and_headless_labels() {
+    let c = cluster();
+    let pod = &c.pod("client-pod").ns;
+    let labelled = |label: &str| {
+        service("labelled", "10.96.0.66", "TCP", 80, "", &[("10.244.2.10", "node-2")]).replacen(
+            "  namespace: default\n",
+            &format!("  namespace: default\n{label}"),
+            1,
+        )
+    };
+    let ok = || Cluster::http_once(pod, "http://10.96.0.66/", 1).as_deref() == Ok("web-c");
+    c.write_manifest("labelled.yaml", &labelled("")).unwrap();
+    within_a_second("served", ok);
+    for label in [
+        "  labels:\n    service.kubernetes.io/service-proxy-name: someone-else\n",
+        "  labels:\n    service.kubernetes.io/headless: \"\"\n",
+    ] {
+        c.write_manifest("labelled.yaml", &labelled(label)).unwrap();
+        within_a_second(&format!("{label}: not served"), || !ok());
+        c.write_manifest("labelled.yaml", &labelled("")).unwrap();
+        within_a_second("served again without the label", ok);
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn services_should_have_session_affinity_timeout_work_for_cluster_ip_and_node_port() {
+    let c = cluster();
+    let eps = [("10.244.1.10", "node-1"), ("10.244.1.11", "node-1"), ("10.244.2.10", "node-2")];
+    let extra = "  type: NodePort\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 1\n";
+    let yaml = service("brief", "10.96.0.67", "TCP", 80, extra, &eps)
+        .replace("      targetPort: 8080\n", "      targetPort: 8080\n      nodePort: 30670\n");
+    c.write_manifest("brief.yaml", &yaml).unwrap();
+    let pod = &c.pod("client-pod").ns;
+    let node_port = format!("http://{}:30670/", NODE_ADDRS[0]);
+    for (what, from, url) in
+        [("ClusterIP", pod, "http://10.96.0.67/"), ("NodePort", &c.client, node_port.as_str())]
+    {
+        eventually(from, url, &format!("{what}: sticky within the timeout"), |a| tally(a).len() == 1);
+        // Idle past the timeout, each round may get another backend.
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..8 {
+            seen.extend(Cluster::http(from, url, 3).unwrap());
+            std::thread::sleep(Duration::from_millis(1300));
+        }
+        assert!(seen.len() > 1, "{what}: the affinity expired: {seen:?}");
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn services_should_respect_internal_traffic_policy_local_pod_to_pod() {
+    let c = cluster();
+    let pod = &c.pod("client-pod").ns;
+    let local = |addr: &str, node: &str| {
+        service("itp", "10.96.0.68", "TCP", 80, "  internalTrafficPolicy: Local\n", &[(addr, node)])
+    };
+    c.write_manifest("itp.yaml", &local("10.244.1.10", "node-1")).unwrap();
+    eventually(pod, "http://10.96.0.68/", "the same node's endpoint", |a| a.iter().all(|x| x == "web-a"));
+    c.write_manifest("itp.yaml", &local("10.244.2.10", "node-2")).unwrap();
+    within_a_second("another node's endpoint is not used", || {
+        Cluster::http_once(pod, "http://10.96.0.68/", 1).is_err()
+    });
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn services_should_fallback_to_terminating_endpoints_when_there_are_no_ready_endpoints_with_cluster_policies()
+{
+    let c = cluster();
+    let terminating = "{ready: false, serving: true, terminating: true}";
+    let yaml = with_conditions(
+        "fallback",
+        "10.96.0.69",
+        "  type: NodePort\n",
+        &[
+            ("10.244.2.10", "node-2", terminating),
+            ("10.244.1.11", "node-1", "{ready: false, serving: false, terminating: true}"),
+        ],
+    )
+    .replace("      targetPort: 8080\n", "      targetPort: 8080\n      nodePort: 30690\n");
+    c.write_manifest("fallback.yaml", &yaml).unwrap();
+    // iTP=Cluster from pods on both nodes' sides, eTP=Cluster through both nodes.
+    eventually(&c.pod("client-pod").ns, "http://10.96.0.69/", "ClusterIP", |a| {
+        a.iter().all(|x| x == "web-c")
+    });
+    eventually(&c.host(1), "http://10.96.0.69/", "ClusterIP from node-2", |a| a.iter().all(|x| x == "web-c"));
+    for node in NODE_ADDRS {
+        let url = format!("http://{node}:30690/");
+        eventually(&c.client, &url, &format!("NodePort via {node}"), |a| a.iter().all(|x| x == "web-c"));
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn granular_checks_services_should_function_for_multiple_endpoint_services_with_same_selector() {
+    let c = cluster();
+    let pod = &c.pod("client-pod").ns;
+    let eps = [("10.244.1.10", "node-1"), ("10.244.2.10", "node-2")];
+    c.write_manifest("twin-a.yaml", &service("twin-a", "10.96.0.70", "TCP", 80, "", &eps)).unwrap();
+    c.write_manifest("twin-b.yaml", &service("twin-b", "10.96.0.71", "TCP", 80, "", &eps)).unwrap();
+    for url in ["http://10.96.0.70/", "http://10.96.0.71/"] {
+        eventually(pod, url, url, |a| a.iter().all(|x| x == "web-a" || x == "web-c"));
+    }
+    std::fs::remove_file(c.manifests.join("twin-a.yaml")).unwrap();
+    within_a_second("the deleted one stops", || Cluster::http_once(pod, "http://10.96.0.70/", 1).is_err());
+    let other = Cluster::http(pod, "http://10.96.0.71/", 20).unwrap();
+    assert_eq!(tally(&other).len(), 2, "the other keeps both endpoints: {:?}", tally(&other));
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn granular_checks_services_should_function_for_client_ip_based_session_affinity_udp() {
+    let c = cluster();
+    let eps = [("10.244.1.10", "node-1"), ("10.244.1.11", "node-1"), ("10.244.2.10", "node-2")];
+    let yaml = service("sticky-udp", "10.96.0.72", "UDP", 53, "  sessionAffinity: ClientIP\n", &eps);
+    c.write_manifest("sticky-udp.yaml", &yaml).unwrap();
+    let pod = &c.pod("client-pod").ns;
+    let mut answers = Vec::new();
+    let ok = wait_for(Duration::from_secs(5), || {
+        answers = Cluster::udp(pod, "10.96.0.72:53", 20).ok()?;
+        answers.iter().all(|a| a.starts_with("web-")).then_some(())
+    });
+    assert!(ok.is_some(), "{answers:?}");
+    // Each query from a new socket (a new source port): one endpoint anyway.
+    let who: std::collections::BTreeSet<&str> = answers.iter().filter_map(|a| a.split(':').next()).collect();
+    assert_eq!(who.len(), 1, "{answers:?}");
+}

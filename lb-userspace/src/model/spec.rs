@@ -7,7 +7,7 @@ use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use lb_common::L4;
 
-use super::{LABEL_PROXY_NAME, NodeInfo, label};
+use super::{LABEL_HEADLESS, LABEL_PROXY_NAME, NodeInfo, label};
 
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
@@ -93,6 +93,11 @@ fn service_address(ip: IpAddr, node: &NodeInfo) -> Result<(), &'static str> {
 pub fn parse(svc: &Service, node: &NodeInfo, note: &mut dyn FnMut(String)) -> Option<ServiceSpec> {
     if let Some(proxy) = label(&svc.metadata, LABEL_PROXY_NAME) {
         note(format!("handled by service proxy {proxy:?}: skipped"));
+        return None;
+    }
+    // kube-proxy's watches leave out Services with this label, as they do
+    // their slices (the Kubernetes source asks the API server the same).
+    if label(&svc.metadata, LABEL_HEADLESS).is_some() {
         return None;
     }
     let Some(spec) = &svc.spec else {
