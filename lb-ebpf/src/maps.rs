@@ -37,6 +37,9 @@ pub static LB_BACKENDS: HashMap<u32, Backend, { cap(reg::BACKENDS) }> = HashMap:
 #[btf_map(name = "lb_slots")]
 pub static LB_SLOTS: HashMap<SlotKey, u32, { cap(reg::SLOTS) }> = HashMap::new();
 
+#[btf_map(name = "lb_endpoints")]
+pub static LB_ENDPOINTS: HashMap<AffinityMatchKey, u32, { cap(reg::ENDPOINTS) }> = HashMap::new();
+
 #[btf_map(name = "lb_aff_match")]
 pub static LB_AFF_MATCH: HashMap<AffinityMatchKey, u32, { cap(reg::AFFINITY_MATCH) }> = HashMap::new();
 
@@ -136,6 +139,12 @@ pub fn affinity(key: &AffinityKey) -> Option<AffinityEntry> {
 pub fn set_affinity(key: &AffinityKey, entry: &AffinityEntry) {
     // Best effort: a client without an entry just gets a fresh choice.
     let _ = LB_AFFINITY.insert(key, entry, BPF_ANY as u64);
+}
+
+/// Whether `backend_id` is still one of frontend `frontend_id`'s endpoints
+/// (usable or not).
+pub fn is_endpoint(frontend_id: u32, backend_id: u32) -> bool {
+    LB_ENDPOINTS.get_ptr(&AffinityMatchKey { frontend_id, backend_id }).is_some()
 }
 
 /// Whether `backend_id` may still be chosen by affinity on `frontend_id`.

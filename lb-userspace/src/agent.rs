@@ -279,6 +279,9 @@ impl Agent {
         };
         let mut ebpf = loader::load(&opts.pin_dir, &opts.capacities, sockets)?;
         attach::load_programs(&mut ebpf)?;
+        // The maps are adopted (and completed where an older version's pins
+        // lack something) before these programs replace the running ones.
+        let dataplane = Dataplane::adopt(Maps::from_ebpf(&mut ebpf)?)?;
         let mut externals = Vec::new();
         for iface in &opts.external_interfaces {
             let ext =
@@ -294,7 +297,6 @@ impl Agent {
             attach::attach_sockets(&mut ebpf, &opts.pin_dir, &cgroup)?;
             info!(cgroup = %cgroup.display(), mode = ?opts.socket_lb, "socket hooks attached");
         }
-        let dataplane = Dataplane::adopt(Maps::from_ebpf(&mut ebpf)?)?;
         let adopted = dataplane.summary();
         if adopted.frontends > 0 {
             info!(

@@ -19,11 +19,13 @@ pub struct Dataplane<S: MapStore> {
 
 impl<S: MapStore> Dataplane<S> {
     /// Takes over what `store` holds (an earlier run's pins): nothing is
-    /// changed until the first sync, which prunes what is stale.
-    pub fn adopt(store: S) -> Result<Self> {
+    /// changed until the first sync, which prunes what is stale, except
+    /// what pins of an older version lack (`Reconciler::backfill`).
+    pub fn adopt(mut store: S) -> Result<Self> {
         let programmed = store.dump().context("reading the programmed maps")?;
-        let reconciler =
+        let mut reconciler =
             Reconciler::adopt_with(&programmed, limits(&store)).context("adopting the programmed maps")?;
+        reconciler::apply(&mut store, &reconciler.backfill()).context("completing the adopted maps")?;
         Ok(Self { store, model: Model::default(), reconciler })
     }
 

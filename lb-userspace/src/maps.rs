@@ -28,6 +28,7 @@ pub struct Maps {
     pub service_cidrs: LpmTrie<MapData, [u8; 4], u32>,
     pub backends: HashMap<MapData, u32, Backend>,
     pub slots: HashMap<MapData, SlotKey, u32>,
+    pub endpoints: HashMap<MapData, AffinityMatchKey, u32>,
     pub affinity_match: HashMap<MapData, AffinityMatchKey, u32>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
     pub names: HashMap<MapData, u32, ServiceName>,
@@ -92,6 +93,7 @@ impl Maps {
             service_cidrs: typed!(reg::SERVICE_CIDRS),
             backends: typed!(reg::BACKENDS),
             slots: typed!(reg::SLOTS),
+            endpoints: typed!(reg::ENDPOINTS),
             affinity_match: typed!(reg::AFFINITY_MATCH),
             source_ranges: typed!(reg::SOURCE_RANGES),
             names: typed!(reg::SERVICE_NAMES),
@@ -136,6 +138,7 @@ impl Maps {
             n if n == reg::SERVICE_CIDRS.name => self.service_cidrs.keys().count(),
             n if n == reg::BACKENDS.name => self.backends.keys().count(),
             n if n == reg::SLOTS.name => self.slots.keys().count(),
+            n if n == reg::ENDPOINTS.name => self.endpoints.keys().count(),
             n if n == reg::AFFINITY_MATCH.name => self.affinity_match.keys().count(),
             n if n == reg::SOURCE_RANGES.name => self.source_ranges.keys().count(),
             n if n == reg::SERVICE_NAMES.name => self.names.keys().count(),
@@ -185,6 +188,8 @@ impl MapStore for Maps {
             Op::DelBackend(id) => ignore_missing(self.backends.remove(id)),
             Op::PutSlot(k, b) => self.slots.insert(k, b, 0),
             Op::DelSlot(k) => ignore_missing(self.slots.remove(k)),
+            Op::PutEndpoint(k) => self.endpoints.insert(k, &1, 0),
+            Op::DelEndpoint(k) => ignore_missing(self.endpoints.remove(k)),
             Op::PutAffinityMatch(k) => self.affinity_match.insert(k, &1, 0),
             Op::DelAffinityMatch(k) => ignore_missing(self.affinity_match.remove(k)),
             Op::PutSourceRange(id, net) => self.source_ranges.insert(&range_key(*id, net), &1, 0),
@@ -241,6 +246,9 @@ impl MapStore for Maps {
         for e in self.slots.iter() {
             let (k, b) = read(reg::SLOTS.name, e)?;
             p.slots.insert(k, b);
+        }
+        for k in self.endpoints.keys() {
+            p.endpoints.insert(read(reg::ENDPOINTS.name, k)?);
         }
         for k in self.affinity_match.keys() {
             p.affinity_match.insert(read(reg::AFFINITY_MATCH.name, k)?);

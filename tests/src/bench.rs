@@ -244,7 +244,18 @@ fn plan_synthetic(n: u32, per: u32) -> Result<Vec<reconciler::Op>> {
         via_stack: false,
         service_cidrs: Vec::new(),
     };
-    Reconciler::new().plan(&synthetic(n, per), &settings)
+    // Planned for the maps' real sizes (the registry's defaults hold fewer),
+    // and all of it: a measurement of services left out would be of misses.
+    let caps = caps_for(n, per);
+    let mut r = Reconciler::with_limits(reconciler::Limits::from_capacity(|m| caps.of(m)));
+    let ops = r.plan(&synthetic(n, per), &settings)?;
+    anyhow::ensure!(
+        r.overflow().is_empty(),
+        "{} of {n} services left out: {:?}",
+        r.overflow().len(),
+        r.overflow().values().next()
+    );
+    Ok(ops)
 }
 
 pub fn load_lb(n: u32, per: u32) -> Result<(Loaded, Duration)> {

@@ -10,6 +10,7 @@ use lb_tests::{
     bench::{self, NEXT_HOP, NEXT_HOP_MAC, Wire},
     packet::{self, parse_checked, parse_port_unreachable, tcp, udp},
 };
+use lb_userspace::model::DesiredBackend;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -381,6 +382,24 @@ fn a_removed_backend_moves_udp_flows_and_keeps_tcp_connections() {
         let syn = tcp((POD_CLIENT, port), (CLUSTER_IP, 80), "S", b"");
         assert_eq!(parse_checked(&bed.tc(&syn).unwrap().frame).dst, tcp_other);
     }
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn a_udp_flow_moves_when_its_backend_leaves_its_service_though_another_service_keeps_it() {
+    let mut bed = bed();
+    let (a, b) = (Be::local([10, 244, 1, 21], 5353), Be::local([10, 244, 1, 22], 5353));
+    bed.service(frontend(CLUSTER_IP, 53, L4::Udp), FrontendKind::ClusterIp, &[a]).unwrap();
+    // Another Service selects the same pod on the same port: one backend entry.
+    bed.service(frontend([10, 96, 0, 11], 53, L4::Udp), FrontendKind::ClusterIp, &[a]).unwrap();
+    let datagram = udp((POD_CLIENT, 40000), (CLUSTER_IP, 53), b"x");
+    assert_eq!(parse_checked(&bed.tc(&datagram).unwrap().frame).dst, (a.addr, a.port));
+    bed.update(frontend(CLUSTER_IP, 53, L4::Udp), |fe| {
+        fe.backends = vec![DesiredBackend { addr: b.addr.into(), port: b.port, local: true }];
+    })
+    .unwrap();
+    assert!(bed.backend_id(a.addr, a.port, L4::Udp).is_some(), "the other Service still has it");
+    assert_eq!(parse_checked(&bed.tc(&datagram).unwrap().frame).dst, (b.addr, b.port), "the flow moved");
 }
 
 #[test]

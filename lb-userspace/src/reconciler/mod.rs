@@ -68,6 +68,8 @@ struct ProgrammedFrontend {
     /// Backend ids by slot.
     slots: Vec<u32>,
     members: BTreeSet<u32>,
+    /// Backend ids of its endpoints, usable or standby (`lb_endpoints`).
+    endpoints: BTreeSet<u32>,
     ranges: BTreeSet<Ipv4Net>,
     /// What was last applied (none after adoption): an equal desired
     /// frontend needs no work at all.
@@ -107,6 +109,7 @@ pub struct Limits {
     pub slots: usize,
     pub affinity_match: usize,
     pub source_ranges: usize,
+    pub endpoints: usize,
 }
 
 impl Default for Limits {
@@ -127,6 +130,7 @@ impl Limits {
             backends: of(&registry::BACKENDS),
             slots: of(&registry::SLOTS),
             affinity_match: of(&registry::AFFINITY_MATCH),
+            endpoints: of(&registry::ENDPOINTS),
             source_ranges: of(&registry::SOURCE_RANGES),
         }
     }
@@ -137,6 +141,7 @@ struct Usage {
     slots: usize,
     members: usize,
     ranges: usize,
+    endpoints: usize,
 }
 
 /// Counts of what is programmed, for logs and metrics.
@@ -184,7 +189,19 @@ impl Reconciler {
             slots: p.slots.len(),
             members: p.members.len(),
             ranges: p.ranges.len(),
+            ..Usage::default()
         });
+        // Endpoints are added before the gone ones are deleted.
+        let added_endpoints = refs_of(fe, key)
+            .iter()
+            .filter(|a| {
+                let id = self.backends.get(a).map(|(id, _)| *id);
+                !id.is_some_and(|id| current.is_some_and(|p| p.endpoints.contains(&id)))
+            })
+            .count();
+        if self.used.endpoints + added_endpoints > self.limits.endpoints {
+            return full(&registry::ENDPOINTS, self.limits.endpoints);
+        }
         // Slots beyond the old count are written first and the rest later
         // deleted; affinity members and source ranges are added before the
         // gone ones are deleted: their peak is the current use plus what is new.
@@ -210,6 +227,26 @@ impl Reconciler {
 
     pub fn summary(&self) -> Summary {
         Summary { frontends: self.frontends.len(), backends: self.backends.len() }
+    }
+
+    /// What maps pinned by an older version lack, from what they hold:
+    /// `lb_endpoints` for frontends that have slots but no endpoint
+    /// entries (their slots' backends), so that UDP flows keep their
+    /// backends from the moment the new programs run, before the first
+    /// sync completes the rest.
+    pub fn backfill(&mut self) -> Vec<Op> {
+        let mut ops = Vec::new();
+        for fe in self.frontends.values_mut().filter(|f| f.endpoints.is_empty()) {
+            fe.endpoints = fe.slots.iter().copied().collect();
+            let frontend_id = fe.value.id;
+            ops.extend(
+                fe.endpoints
+                    .iter()
+                    .map(|&backend_id| Op::PutEndpoint(AffinityMatchKey { frontend_id, backend_id })),
+            );
+            self.used.endpoints += fe.endpoints.len();
+        }
+        ops
     }
 
     /// Frontend id → the (address, port) of the backends new connections
@@ -337,6 +374,7 @@ impl Reconciler {
             self.used.slots -= fe.slots.len();
             self.used.members -= fe.members.len();
             self.used.ranges -= fe.ranges.len();
+            self.used.endpoints -= fe.endpoints.len();
             ops.push(Op::DelFrontend(keys::frontend_key(&key)?));
             if fe.name.is_some() {
                 ops.push(Op::DelName(id));
@@ -346,6 +384,9 @@ impl Reconciler {
             }
             for backend_id in fe.members {
                 ops.push(Op::DelAffinityMatch(AffinityMatchKey { frontend_id: id, backend_id }));
+            }
+            for backend_id in fe.endpoints {
+                ops.push(Op::DelEndpoint(AffinityMatchKey { frontend_id: id, backend_id }));
             }
             for range in fe.ranges {
                 ops.push(Op::DelSourceRange(id, range));
@@ -417,6 +458,7 @@ impl Reconciler {
         }
         let want_members: BTreeSet<u32> =
             if affinity { want.iter().copied().collect() } else { BTreeSet::new() };
+        let want_endpoints: BTreeSet<u32> = refs_of(fe, &key).iter().map(|a| self.backends[a].0).collect();
         let want_ranges: BTreeSet<Ipv4Net> = fe.source_ranges.iter().copied().collect();
         let (namespace, name) = fe.service.split_once('/').unwrap_or(("", &fe.service));
         let want_name = ServiceName::new(namespace, name, &fe.port_name);
@@ -434,9 +476,16 @@ impl Reconciler {
             // A reused id must not inherit an earlier frontend's counters.
             ops.push(Op::ResetStats(id));
         }
-        // Affinity members that leave go before anything can pick them.
+        // Affinity members that leave go before anything can pick them;
+        // endpoints that leave, before their UDP flows send again.
         for gone in current.members.difference(&want_members) {
             ops.push(Op::DelAffinityMatch(AffinityMatchKey { frontend_id: id, backend_id: *gone }));
+        }
+        for gone in current.endpoints.difference(&want_endpoints) {
+            ops.push(Op::DelEndpoint(AffinityMatchKey { frontend_id: id, backend_id: *gone }));
+        }
+        for added in want_endpoints.difference(&current.endpoints) {
+            ops.push(Op::PutEndpoint(AffinityMatchKey { frontend_id: id, backend_id: *added }));
         }
 
         let slots = rearrange(&current.slots, &want);
@@ -480,10 +529,12 @@ impl Reconciler {
         self.used.slots = self.used.slots - old_len + new_len;
         self.used.members = self.used.members - current.members.len() + want_members.len();
         self.used.ranges = self.used.ranges - current.ranges.len() + want_ranges.len();
+        self.used.endpoints = self.used.endpoints - current.endpoints.len() + want_endpoints.len();
         current.value = value;
         current.name = Some(want_name);
         current.slots = slots;
         current.members = want_members;
+        current.endpoints = want_endpoints;
         current.ranges = want_ranges;
         current.desired = Some(fe.clone());
         self.frontends.insert(key, current);
@@ -508,6 +559,10 @@ impl Reconciler {
         for k in &maps.affinity_match {
             members.entry(k.frontend_id).or_default().insert(k.backend_id);
         }
+        let mut endpoints: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+        for k in &maps.endpoints {
+            endpoints.entry(k.frontend_id).or_default().insert(k.backend_id);
+        }
         let mut ranges: BTreeMap<u32, BTreeSet<Ipv4Net>> = BTreeMap::new();
         for (id, net) in &maps.source_ranges {
             ranges.entry(*id).or_default().insert(*net);
@@ -530,10 +585,12 @@ impl Reconciler {
                 name: maps.names.get(&value.id).copied(),
                 slots,
                 members: members.remove(&value.id).unwrap_or_default(),
+                endpoints: endpoints.remove(&value.id).unwrap_or_default(),
                 ranges: ranges.remove(&value.id).unwrap_or_default(),
                 desired: None,
             };
             r.used.members += fe.members.len();
+            r.used.endpoints += fe.endpoints.len();
             r.used.ranges += fe.ranges.len();
             r.frontends.insert(frontend, fe);
         }

@@ -30,6 +30,8 @@ pub enum Op {
     DelBackend(u32),
     PutSlot(SlotKey, u32),
     DelSlot(SlotKey),
+    PutEndpoint(AffinityMatchKey),
+    DelEndpoint(AffinityMatchKey),
     PutAffinityMatch(AffinityMatchKey),
     DelAffinityMatch(AffinityMatchKey),
     PutSourceRange(u32, Ipv4Net),
@@ -51,6 +53,7 @@ impl Op {
             Op::PutServiceCidr(_) | Op::DelServiceCidr(_) => &reg::SERVICE_CIDRS,
             Op::PutBackend(..) | Op::DelBackend(_) => &reg::BACKENDS,
             Op::PutSlot(..) | Op::DelSlot(_) => &reg::SLOTS,
+            Op::PutEndpoint(_) | Op::DelEndpoint(_) => &reg::ENDPOINTS,
             Op::PutAffinityMatch(_) | Op::DelAffinityMatch(_) => &reg::AFFINITY_MATCH,
             Op::PutSourceRange(..) | Op::DelSourceRange(..) => &reg::SOURCE_RANGES,
             Op::PutName(..) | Op::DelName(_) => &reg::SERVICE_NAMES,
@@ -107,6 +110,8 @@ pub struct Programmed {
     pub service_cidrs: BTreeSet<Ipv4Net>,
     pub backends: BTreeMap<u32, Backend>,
     pub slots: BTreeMap<SlotKey, u32>,
+    /// (frontend id, backend id): the frontends' endpoints.
+    pub endpoints: BTreeSet<AffinityMatchKey>,
     pub affinity_match: BTreeSet<AffinityMatchKey>,
     /// (frontend id, client prefix).
     pub source_ranges: BTreeSet<(u32, Ipv4Net)>,
@@ -129,6 +134,8 @@ impl Programmed {
             Op::DelBackend(id) => drop(self.backends.remove(id)),
             Op::PutSlot(k, b) => drop(self.slots.insert(*k, *b)),
             Op::DelSlot(k) => drop(self.slots.remove(k)),
+            Op::PutEndpoint(k) => drop(self.endpoints.insert(*k)),
+            Op::DelEndpoint(k) => drop(self.endpoints.remove(k)),
             Op::PutAffinityMatch(k) => drop(self.affinity_match.insert(*k)),
             Op::DelAffinityMatch(k) => drop(self.affinity_match.remove(k)),
             Op::PutSourceRange(id, net) => drop(self.source_ranges.insert((*id, *net))),
@@ -150,6 +157,7 @@ impl Programmed {
             n if n == reg::SERVICE_CIDRS.name => self.service_cidrs.len(),
             n if n == reg::BACKENDS.name => self.backends.len(),
             n if n == reg::SLOTS.name => self.slots.len(),
+            n if n == reg::ENDPOINTS.name => self.endpoints.len(),
             n if n == reg::AFFINITY_MATCH.name => self.affinity_match.len(),
             n if n == reg::SOURCE_RANGES.name => self.source_ranges.len(),
             n if n == reg::SERVICE_NAMES.name => self.names.len(),
@@ -210,6 +218,9 @@ impl Programmed {
             let local = if b.flags & backend_flags::LOCAL != 0 { " local" } else { "" };
             let _ = writeln!(out, "lb_backends {id} -> {}:{}/{l4}{local}", ip(b.addr), b.port);
         }
+        for k in &self.endpoints {
+            let _ = writeln!(out, "lb_endpoints {}/{}", k.frontend_id, k.backend_id);
+        }
         for k in &self.affinity_match {
             let _ = writeln!(out, "lb_aff_match {}/{}", k.frontend_id, k.backend_id);
         }
@@ -266,6 +277,7 @@ impl MemoryStore {
             Op::PutServiceCidr(n) => !m.service_cidrs.contains(n),
             Op::PutBackend(id, _) => !m.backends.contains_key(id),
             Op::PutSlot(k, _) => !m.slots.contains_key(k),
+            Op::PutEndpoint(k) => !m.endpoints.contains(k),
             Op::PutAffinityMatch(k) => !m.affinity_match.contains(k),
             Op::PutSourceRange(id, net) => !m.source_ranges.contains(&(*id, *net)),
             Op::PutName(id, _) => !m.names.contains_key(id),

@@ -58,19 +58,22 @@ fn one_endpoint_change_is_a_handful_of_writes() {
     let many: Vec<u8> = (1..=100).collect();
     let mut r = Reconciler::new();
     r.plan(&desired(&many), &node()).unwrap();
-    // Remove one backend in the middle: refill its slot from the tail,
-    // shrink the count, drop the tail slot, delete the backend.
+    // Remove one backend in the middle: forget it as an endpoint (its UDP
+    // flows move), refill its slot from the tail, shrink the count, drop
+    // the tail slot, delete the backend.
     let fewer: Vec<u8> = many.iter().copied().filter(|b| *b != 50).collect();
     let ops = r.plan(&desired(&fewer), &node()).unwrap();
-    assert_eq!(ops.len(), 4, "{ops:#?}");
+    assert_eq!(ops.len(), 5, "{ops:#?}");
+    let forget = position(&ops, |o| matches!(o, Op::DelEndpoint(..)));
     let put = position(&ops, |o| matches!(o, Op::PutSlot(..)));
+    assert!(forget < put, "{ops:#?}");
     let fe = position(&ops, |o| matches!(o, Op::PutFrontend(..)));
     let del = position(&ops, |o| matches!(o, Op::DelSlot(..)));
     let del_backend = position(&ops, |o| matches!(o, Op::DelBackend(..)));
     assert!(put < fe && fe < del && del < del_backend, "{ops:#?}");
-    // Add one: a backend, a tail slot, the count.
+    // Add one: a backend, its endpoint entry, a tail slot, the count.
     let ops = r.plan(&desired(&many), &node()).unwrap();
-    assert_eq!(ops.len(), 3, "{ops:#?}");
+    assert_eq!(ops.len(), 4, "{ops:#?}");
 }
 
 #[test]
