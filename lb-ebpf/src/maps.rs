@@ -94,10 +94,6 @@ pub fn backend(id: u32) -> Option<Backend> {
     LB_BACKENDS.get_ptr(&id).map(|p| unsafe { *p })
 }
 
-pub fn backend_exists(id: u32) -> bool {
-    LB_BACKENDS.get_ptr(&id).is_some()
-}
-
 /// The backend id in slot `slot` of frontend `frontend_id`.
 pub fn slot(frontend_id: u32, slot: u32) -> Option<u32> {
     LB_SLOTS.get_ptr(&SlotKey { frontend_id, slot }).map(|p| unsafe { *p })
