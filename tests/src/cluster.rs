@@ -407,6 +407,47 @@ impl Cluster {
     }
 }
 
+/// A one-port Service `name` (`protocol`, `port` → `target`) at
+/// `cluster_ip`, with `extra` spec lines (indented two spaces), and one
+/// EndpointSlice of ready `(address, node)` endpoints: the manifests the
+/// scenarios write while the agents run.
+pub fn one_port_service(
+    name: &str,
+    cluster_ip: &str,
+    (protocol, port, target): (&str, u16, u16),
+    extra: &str,
+    endpoints: &[(&str, &str)],
+) -> String {
+    let endpoints: String =
+        endpoints.iter().map(|(a, n)| format!("  - addresses: [\"{a}\"]\n    nodeName: {n}\n")).collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  clusterIP: {cluster_ip}\n\
+         {extra}  ports:\n    - port: {port}\n      protocol: {protocol}\n      targetPort: {target}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  \
+         labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\nports:\n  - port: {target}\n    \
+         protocol: {protocol}\nendpoints:\n{endpoints}"
+    )
+}
+
+/// Asks `url` from `from` (6 requests a round, for up to 5 s) until
+/// `check` holds for a round's answers; `Err` with the last ones if never.
+pub fn http_until(
+    from: &impl Place,
+    url: &str,
+    what: &str,
+    check: impl Fn(&[String]) -> bool,
+) -> Result<Vec<String>> {
+    let mut last = Vec::new();
+    let ok = wait_for(Duration::from_secs(5), || {
+        last = Cluster::http(from, url, 6).ok()?;
+        check(&last).then_some(())
+    });
+    match ok {
+        Some(()) => Ok(last),
+        None => bail!("{what}: {:?}", tally(&last)),
+    }
+}
+
 /// How many answers each pod gave.
 pub fn tally(answers: &[String]) -> std::collections::BTreeMap<String, usize> {
     let mut t = std::collections::BTreeMap::new();

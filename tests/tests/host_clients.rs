@@ -12,7 +12,7 @@ use std::{
 };
 
 use lb_tests::{
-    cluster::{Cluster, NODE_ADDRS, standard_pods, tally},
+    cluster::{Cluster, NODE_ADDRS, http_until, one_port_service, standard_pods, tally},
     fake_api::{FakeApi, node},
     netns::{Agent, HostProcess, TempDir, agent_binary, wait_for},
 };
@@ -29,8 +29,6 @@ fn answers_from(answers: &[String], allowed: &[&str], what: &str) {
     }
 }
 
-/// A one-port Service `name` at `cluster_ip` with `extra` spec lines, and
-/// its slice of `(address, node)` endpoints.
 fn service(
     name: &str,
     cluster_ip: &str,
@@ -40,31 +38,16 @@ fn service(
     extra: &str,
     eps: &[(&str, &str)],
 ) -> String {
-    let endpoints: String =
-        eps.iter().map(|(a, n)| format!("  - addresses: [\"{a}\"]\n    nodeName: {n}\n")).collect();
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  clusterIP: {cluster_ip}\n{extra}  \
-         ports:\n    - port: {port}\n      protocol: {protocol}\n      targetPort: {target}\n---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  \
-         labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\nports:\n  - port: {target}\n    \
-         protocol: {protocol}\nendpoints:\n{endpoints}"
-    )
+    one_port_service(name, cluster_ip, (protocol, port, target), extra, eps)
 }
 
-/// Waits until `check` holds for node-1's host, or fails with the last answers.
 fn eventually_http(
     host: &HostProcess,
     url: &str,
     what: &str,
     check: impl Fn(&[String]) -> bool,
 ) -> Vec<String> {
-    let mut last = Vec::new();
-    let ok = wait_for(Duration::from_secs(5), || {
-        last = Cluster::http(host, url, 6).ok()?;
-        check(&last).then_some(())
-    });
-    assert!(ok.is_some(), "{what}: {last:?}");
-    last
+    http_until(host, url, what, check).unwrap()
 }
 
 #[test]

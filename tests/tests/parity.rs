@@ -6,8 +6,8 @@
 use std::{path::Path, time::Duration};
 
 use lb_tests::{
-    cluster::{Cluster, NODE_ADDRS, standard_pods, tally},
-    netns::wait_for,
+    cluster::{Cluster, NODE_ADDRS, http_until, one_port_service, standard_pods, tally},
+    netns::{Place, wait_for},
 };
 
 fn cluster() -> Cluster {
@@ -24,14 +24,9 @@ fn restart_agents(c: &mut Cluster, extra: [&[&str]; 2]) {
     c.wait_synced().unwrap();
 }
 
-/// Polls `url` from `from` (6 requests a round) until `check` holds.
-fn eventually<P: lb_tests::netns::Place>(from: &P, url: &str, what: &str, check: impl Fn(&[String]) -> bool) {
-    let mut last = Vec::new();
-    let ok = wait_for(Duration::from_secs(5), || {
-        last = Cluster::http(from, url, 6).ok()?;
-        check(&last).then_some(())
-    });
-    assert!(ok.is_some(), "{what}: {:?}", tally(&last));
+/// Asks `url` from `from` until `check` holds (see `http_until`).
+fn eventually<P: Place>(from: &P, url: &str, what: &str, check: impl Fn(&[String]) -> bool) {
+    http_until(from, url, what, check).unwrap();
 }
 
 const ZONED: &str = "apiVersion: v1
@@ -193,9 +188,7 @@ fn hairpin_a_pod_reaches_itself_through_its_service_tcp_and_udp() {
     assert_eq!(answered, 1000, "1,000 of 1,000 UDP: {:?}", tally(&udp));
 }
 
-/// A one-port Service `name` of `protocol` on `cluster_ip:port` (→ 8080 for
-/// TCP, 5353 for UDP), with `extra` spec lines, and one slice of ready
-/// `(address, node)` endpoints.
+/// A one-port Service of `protocol` to the pods' servers (TCP 8080, UDP 5353).
 fn service(
     name: &str,
     cluster_ip: &str,
@@ -205,15 +198,7 @@ fn service(
     eps: &[(&str, &str)],
 ) -> String {
     let target = if protocol == "UDP" { 5353 } else { 8080 };
-    let endpoints: String =
-        eps.iter().map(|(a, n)| format!("  - addresses: [\"{a}\"]\n    nodeName: {n}\n")).collect();
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  clusterIP: {cluster_ip}\n\
-         {extra}  ports:\n    - port: {port}\n      protocol: {protocol}\n      targetPort: {target}\n---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  \
-         labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\nports:\n  - port: {target}\n    \
-         protocol: {protocol}\nendpoints:\n{endpoints}"
-    )
+    one_port_service(name, cluster_ip, (protocol, port, target), extra, eps)
 }
 
 /// `lb-netcheck`'s timed lines (`<ms> <answer>`), from a finished child.

@@ -527,7 +527,8 @@ fn main() -> Result<()> {
             "established flow at most ~2× the parse-and-TX floor".into(),
             format!("up to {ratio_max:.2}×"),
             ratio_max <= 2.0,
-            "per packet the program does a conntrack lookup, a backend-liveness lookup, the per-service \
+            "per packet the program does a conntrack lookup (UDP flows also check that their backend is still \
+             one of the service's endpoints), the per-service \
              counters and the rewrite; the next hop comes from a per-CPU cache of the FIB's answers.",
         ),
         (
