@@ -276,7 +276,10 @@ pub fn load_lb(n: u32, per: u32) -> Result<(Loaded, Duration)> {
 pub fn load_baseline(object: &[u8], n: u32, per: u32) -> Result<Loaded> {
     let bpffs = Bpffs::new()?;
     let mut ebpf = loader::load_object(object, &bpffs.dir.join("lb"), &caps_for(n, per), Default::default())?;
-    lb_userspace::attach::load_programs(&mut ebpf)?;
+    // Only the program measured: an older build may lack the others.
+    let xdp: &mut Xdp =
+        ebpf.program_mut(loader::XDP_PROGRAM).context("the baseline's XDP program")?.try_into()?;
+    xdp.load().context("loading the baseline's XDP program")?;
     let mut maps = BaselineMaps {
         services: aya::maps::HashMap::try_from(ebpf.take_map("lb_services").context("lb_services")?)?,
         backends: aya::maps::HashMap::try_from(ebpf.take_map("lb_backends").context("lb_backends")?)?,
