@@ -399,6 +399,13 @@ fn services_change_type_external_name_cluster_ip_node_port_and_back_and_a_delete
     assert!(cluster_ip());
     c.write_manifest("morph.yaml", &typed("ExternalName")).unwrap();
     within_a_second("ClusterIP → ExternalName stops the ClusterIP", || !cluster_ip());
+    // And in one step each: ExternalName → NodePort → ExternalName.
+    c.write_manifest("morph.yaml", &typed("NodePort")).unwrap();
+    within_a_second("ExternalName → NodePort answers on the node port", via_node);
+    assert!(cluster_ip(), "and on the ClusterIP");
+    c.write_manifest("morph.yaml", &typed("ExternalName")).unwrap();
+    within_a_second("NodePort → ExternalName releases the node port", || !via_node());
+    assert!(!cluster_ip(), "and the ClusterIP");
 }
 
 #[test]
@@ -469,29 +476,31 @@ fn endpoint_slices_a_service_with_ports_and_endpoint_addresses_spread_over_sever
 fn session_affinity_switches_from_client_ip_to_none_and_back() {
     let c = cluster();
     let affinity = |a: &str| {
-        let mut yaml = service(
+        service(
             "switch",
             "10.96.0.60",
             "TCP",
             80,
-            &format!("  sessionAffinity: {a}\n"),
+            &format!("  type: NodePort\n  sessionAffinity: {a}\n"),
             &[("10.244.1.10", "node-1"), ("10.244.1.11", "node-1"), ("10.244.2.10", "node-2")],
-        );
-        yaml.push('\n');
-        yaml
+        )
+        .replace("      targetPort: 8080\n", "      targetPort: 8080\n      nodePort: 30600\n")
     };
-    let pod = &c.pod("client-pod").ns;
-    c.write_manifest("switch.yaml", &affinity("ClientIP")).unwrap();
-    eventually(pod, "http://10.96.0.60/", "ClientIP sticks", |a| tally(a).len() == 1);
-    c.write_manifest("switch.yaml", &affinity("None")).unwrap();
-    eventually(pod, "http://10.96.0.60/", "None spreads", |a| tally(a).len() > 1);
-    c.write_manifest("switch.yaml", &affinity("ClientIP")).unwrap();
-    let mut sticky = Vec::new();
-    let stuck = wait_for(Duration::from_secs(5), || {
-        sticky = Cluster::http(pod, "http://10.96.0.60/", 20).ok()?;
-        (tally(&sticky).len() == 1).then_some(())
-    });
-    assert!(stuck.is_some(), "ClientIP sticks again: {:?}", tally(&sticky));
+    let node_port = format!("http://{}:30600/", NODE_ADDRS[1]);
+    // From a pod through the ClusterIP, and from outside through a NodePort.
+    for (from, url) in [(&c.pod("client-pod").ns, "http://10.96.0.60/"), (&c.client, node_port.as_str())] {
+        c.write_manifest("switch.yaml", &affinity("ClientIP")).unwrap();
+        eventually(from, url, "ClientIP sticks", |a| tally(a).len() == 1);
+        c.write_manifest("switch.yaml", &affinity("None")).unwrap();
+        eventually(from, url, "None spreads", |a| tally(a).len() > 1);
+        c.write_manifest("switch.yaml", &affinity("ClientIP")).unwrap();
+        let mut sticky = Vec::new();
+        let stuck = wait_for(Duration::from_secs(5), || {
+            sticky = Cluster::http(from, url, 20).ok()?;
+            (tally(&sticky).len() == 1).then_some(())
+        });
+        assert!(stuck.is_some(), "{url}: ClientIP sticks again: {:?}", tally(&sticky));
+    }
 }
 
 #[test]
@@ -720,4 +729,46 @@ fn granular_checks_services_should_function_for_client_ip_based_session_affinity
     // Each query from a new socket (a new source port): one endpoint anyway.
     let who: std::collections::BTreeSet<&str> = answers.iter().filter_map(|a| a.split(':').next()).collect();
     assert_eq!(who.len(), 1, "{answers:?}");
+}
+
+/// A Service on web-a, web-b (node-1, zone-a) and web-c (node-2, zone-b),
+/// hinted `nodes` (web-a's, web-b's, web-c's) and by zone.
+fn near(web_a_node: &str) -> String {
+    let ep = |addr: &str, node: &str, hint: &str, zone: &str| {
+        format!(
+            "  - addresses: [\"{addr}\"]\n    nodeName: {node}\n    zone: {zone}\n    hints:\n      forNodes: [{{name: {hint}}}]\n      \
+             forZones: [{{name: {zone}}}]\n"
+        )
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: near\n  namespace: default\nspec:\n  clusterIP: 10.96.0.73\n  \
+         trafficDistribution: PreferSameNode\n  ports:\n    - port: 80\n      targetPort: 8080\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: near-1\n  namespace: default\n  labels:\n    \
+         kubernetes.io/service-name: near\naddressType: IPv4\nports:\n  - port: 8080\nendpoints:\n{}{}{}",
+        ep("10.244.1.10", "node-1", web_a_node, "zone-a"),
+        ep("10.244.1.11", "node-1", "node-3", "zone-a"),
+        ep("10.244.2.10", "node-2", "node-2", "zone-b"),
+    )
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn traffic_distribution_prefer_same_node_routes_to_the_same_node_or_falls_back_to_the_zone() {
+    let mut c = cluster();
+    restart_agents(&mut c, [&["--zone", "zone-a"], &["--zone", "zone-b"]]);
+    c.write_manifest("near.yaml", &near("node-1")).unwrap();
+    let pod = &c.pod("client-pod").ns;
+    eventually(pod, "http://10.96.0.73/", "node-1: its own node's endpoint", |a| {
+        a.iter().all(|x| x == "web-a")
+    });
+    let many = Cluster::http(pod, "http://10.96.0.73/", 20).unwrap();
+    assert!(many.iter().all(|x| x == "web-a"), "{:?}", tally(&many));
+    eventually(&c.host(1), "http://10.96.0.73/", "node-2: its own node's endpoint", |a| {
+        a.iter().all(|x| x == "web-c")
+    });
+    // No endpoint is hinted for node-1 any more: its zone's endpoints serve.
+    c.write_manifest("near.yaml", &near("node-4")).unwrap();
+    eventually(pod, "http://10.96.0.73/", "node-1 falls back to zone-a", |a| a.iter().any(|x| x == "web-b"));
+    let zone = Cluster::http(pod, "http://10.96.0.73/", 20).unwrap();
+    assert!(zone.iter().all(|x| x == "web-a" || x == "web-b"), "zone-a only: {:?}", tally(&zone));
 }
