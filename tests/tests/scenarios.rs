@@ -64,6 +64,13 @@ fn s01_clusterip_from_a_pod_spreads_over_three_replicas() {
     let c = cluster();
     let answers = Cluster::http(&c.pod("client-pod").ns, "http://10.96.0.10/", 300).unwrap();
     let t = tally(&answers);
+    // A failure here says what the dataplane saw: drops and events by reason.
+    let stats = |node| inspect(&c, node, "stats");
+    let (drops_1, drops_2) = (&stats(0)["drops"], &stats(1)["drops"]);
+    assert!(
+        answers.iter().all(|a| !a.starts_with("error")),
+        "ClusterIP: {t:?}; drops on node-1 {drops_1}, on node-2 {drops_2}"
+    );
     assert_all_from(&answers, &["web-a", "web-b", "web-c"], "ClusterIP");
     for pod in ["web-a", "web-b", "web-c"] {
         let n = t.get(pod).copied().unwrap_or(0);
