@@ -98,7 +98,7 @@ maps! {
         "backend id -> pod address, port, protocol, flags";
     SLOTS: "lb_slots", Hash, flag("max-slots", 262_144), pinned: true, programmed: true,
         "(frontend id, slot) -> backend id; slots below the frontend's count are live";
-    ENDPOINTS: "lb_endpoints", Hash, flag("max-slots", 262_144), pinned: true, programmed: true,
+    ENDPOINTS: "lb_endpoints", Hash, flag("max-endpoints", 262_144), pinned: true, programmed: true,
         "(frontend id, backend id) while the backend is one of the frontend's endpoints: UDP flows keep it only then";
     AFFINITY_MATCH: "lb_aff_match", Hash, Size::Fixed(65_536), pinned: true, programmed: true,
         "(frontend id, backend id) present while a ClientIP-affinity backend may be chosen";

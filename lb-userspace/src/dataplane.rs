@@ -25,7 +25,8 @@ impl<S: MapStore> Dataplane<S> {
         let programmed = store.dump().context("reading the programmed maps")?;
         let mut reconciler =
             Reconciler::adopt_with(&programmed, limits(&store)).context("adopting the programmed maps")?;
-        reconciler::apply(&mut store, &reconciler.backfill()).context("completing the adopted maps")?;
+        reconciler::apply(&mut store, &reconciler.backfill(&programmed))
+            .context("completing the adopted maps")?;
         Ok(Self { store, model: Model::default(), reconciler })
     }
 

@@ -253,6 +253,7 @@ mod tests {
                 "affinity-size",
                 "conntrack-size",
                 "max-backends",
+                "max-endpoints",
                 "max-frontends",
                 "max-slots",
                 "sock-rev-size"

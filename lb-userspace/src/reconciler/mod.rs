@@ -229,13 +229,20 @@ impl Reconciler {
         Summary { frontends: self.frontends.len(), backends: self.backends.len() }
     }
 
-    /// What maps pinned by an older version lack, from what they hold:
-    /// `lb_endpoints` for frontends that have slots but no endpoint
-    /// entries (their slots' backends), so that UDP flows keep their
+    /// What adopted maps lack or hold in excess: `lb_endpoints` for
+    /// frontends that have slots but no endpoint entries (pins of an older
+    /// version: their slots' backends), so that UDP flows keep their
     /// backends from the moment the new programs run, before the first
-    /// sync completes the rest.
-    pub fn backfill(&mut self) -> Vec<Op> {
-        let mut ops = Vec::new();
+    /// sync completes the rest; and the entries of frontends that are gone
+    /// (a run stopped between deleting a frontend and its endpoints).
+    pub fn backfill(&mut self, maps: &Programmed) -> Vec<Op> {
+        let ids: BTreeSet<u32> = self.frontends.values().map(|f| f.value.id).collect();
+        let mut ops: Vec<Op> = maps
+            .endpoints
+            .iter()
+            .filter(|k| !ids.contains(&k.frontend_id))
+            .map(|k| Op::DelEndpoint(*k))
+            .collect();
         for fe in self.frontends.values_mut().filter(|f| f.endpoints.is_empty()) {
             fe.endpoints = fe.slots.iter().copied().collect();
             let frontend_id = fe.value.id;
@@ -249,15 +256,16 @@ impl Reconciler {
         ops
     }
 
-    /// Frontend id → the (address, port) of the backends new connections
-    /// may get: a socket the hooks connected elsewhere points at a gone
-    /// backend.
+    /// Frontend id → the (address, port) of its endpoints (usable or not):
+    /// a socket the hooks connected elsewhere points at a backend that left
+    /// its Service, as a UDP flow of the packet path would (`lb_endpoints`).
     pub fn live_backends(&self) -> crate::socket_lb::LiveBackends {
         let by_id: HashMap<u32, &Backend> = self.backends.values().map(|(id, b)| (*id, b)).collect();
         self.frontends
             .values()
             .map(|f| {
-                let live = f.slots.iter().filter_map(|id| by_id.get(id)).map(|b| (b.addr, b.port)).collect();
+                let live =
+                    f.endpoints.iter().filter_map(|id| by_id.get(id)).map(|b| (b.addr, b.port)).collect();
                 (f.value.id, live)
             })
             .collect()
@@ -476,13 +484,9 @@ impl Reconciler {
             // A reused id must not inherit an earlier frontend's counters.
             ops.push(Op::ResetStats(id));
         }
-        // Affinity members that leave go before anything can pick them;
-        // endpoints that leave, before their UDP flows send again.
+        // Affinity members that leave go before anything can pick them.
         for gone in current.members.difference(&want_members) {
             ops.push(Op::DelAffinityMatch(AffinityMatchKey { frontend_id: id, backend_id: *gone }));
-        }
-        for gone in current.endpoints.difference(&want_endpoints) {
-            ops.push(Op::DelEndpoint(AffinityMatchKey { frontend_id: id, backend_id: *gone }));
         }
         for added in want_endpoints.difference(&current.endpoints) {
             ops.push(Op::PutEndpoint(AffinityMatchKey { frontend_id: id, backend_id: *added }));
@@ -525,6 +529,11 @@ impl Reconciler {
         }
         for gone in current.ranges.difference(&want_ranges) {
             ops.push(Op::DelSourceRange(id, *gone));
+        }
+        // Endpoints that leave go once no slot names them: their UDP flows
+        // then choose again among the ones left.
+        for gone in current.endpoints.difference(&want_endpoints) {
+            ops.push(Op::DelEndpoint(AffinityMatchKey { frontend_id: id, backend_id: *gone }));
         }
         self.used.slots = self.used.slots - old_len + new_len;
         self.used.members = self.used.members - current.members.len() + want_members.len();

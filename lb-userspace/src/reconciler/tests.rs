@@ -58,15 +58,16 @@ fn one_endpoint_change_is_a_handful_of_writes() {
     let many: Vec<u8> = (1..=100).collect();
     let mut r = Reconciler::new();
     r.plan(&desired(&many), &node()).unwrap();
-    // Remove one backend in the middle: forget it as an endpoint (its UDP
-    // flows move), refill its slot from the tail, shrink the count, drop
-    // the tail slot, delete the backend.
+    // Remove one backend in the middle: refill its slot from the tail,
+    // shrink the count, drop the tail slot, forget it as an endpoint (its
+    // UDP flows then choose among the rest), delete the backend.
     let fewer: Vec<u8> = many.iter().copied().filter(|b| *b != 50).collect();
     let ops = r.plan(&desired(&fewer), &node()).unwrap();
     assert_eq!(ops.len(), 5, "{ops:#?}");
-    let forget = position(&ops, |o| matches!(o, Op::DelEndpoint(..)));
     let put = position(&ops, |o| matches!(o, Op::PutSlot(..)));
-    assert!(forget < put, "{ops:#?}");
+    let tail = position(&ops, |o| matches!(o, Op::DelSlot(..)));
+    let forget = position(&ops, |o| matches!(o, Op::DelEndpoint(..)));
+    assert!(tail < forget, "{ops:#?}");
     let fe = position(&ops, |o| matches!(o, Op::PutFrontend(..)));
     let del = position(&ops, |o| matches!(o, Op::DelSlot(..)));
     let del_backend = position(&ops, |o| matches!(o, Op::DelBackend(..)));
@@ -334,4 +335,31 @@ fn an_external_frontend_waits_for_its_internal_twin() {
     assert!(store.maps.services.is_empty(), "{:?}", store.maps.services);
     assert_eq!(r.overflow().len(), 2);
     assert!(r.overflow()[&key].to_string().contains("internal twin"), "{}", r.overflow()[&key]);
+}
+
+#[test]
+fn adoption_completes_older_pins_and_drops_orphaned_endpoints() {
+    let mut store = MemoryStore::default();
+    apply(&mut store, &Reconciler::new().plan(&desired(&[1, 2]), &node()).unwrap()).unwrap();
+    // As an older version left them: no endpoint entries, and one of a
+    // frontend that is gone.
+    let mut maps = store.dump().unwrap();
+    maps.endpoints.clear();
+    let orphan = AffinityMatchKey { frontend_id: 99, backend_id: 1 };
+    maps.endpoints.insert(orphan);
+    let mut r = Reconciler::adopt(&maps).unwrap();
+    let ops = r.backfill(&maps);
+    assert!(ops.contains(&Op::DelEndpoint(orphan)), "{ops:#?}");
+    assert_eq!(
+        ops.iter().filter(|o| matches!(o, Op::PutEndpoint(_))).count(),
+        2,
+        "the slots' backends: {ops:#?}"
+    );
+    // Then the first sync has nothing left to add.
+    let mut adopted = MemoryStore::default();
+    adopted.maps = maps;
+    apply(&mut adopted, &ops).unwrap();
+    assert!(!adopted.maps.endpoints.contains(&orphan));
+    let again = r.plan(&desired(&[1, 2]), &node()).unwrap();
+    assert!(!again.iter().any(|o| matches!(o, Op::PutEndpoint(_) | Op::DelEndpoint(_))), "{again:#?}");
 }
