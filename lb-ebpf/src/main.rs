@@ -37,7 +37,10 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 
-use crate::{lb::Origin, sock::Call};
+use crate::{
+    lb::Origin,
+    sock::{Call, Family},
+};
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -65,22 +68,43 @@ pub fn lb_tc_pod(ctx: TcContext) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::translate(&ctx, Call::Connect)
+    sock::translate(&ctx, Family::V4, Call::Connect)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::translate(&ctx, Call::SendMsg)
+    sock::translate(&ctx, Family::V4, Call::SendMsg)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::restore(&ctx)
+    sock::restore(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn lb_sock_peer4(ctx: SockAddrContext) -> i32 {
-    sock::restore(&ctx)
+    sock::restore(&ctx, Family::V4)
+}
+
+// Dual-stack sockets name IPv4 services as `::ffff:a.b.c.d`.
+#[cgroup_sock_addr(connect6)]
+pub fn lb_sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, Family::V4InV6, Call::Connect)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, Family::V4InV6, Call::SendMsg)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx, Family::V4InV6)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_sock_peer6(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx, Family::V4InV6)
 }
 
 #[cfg(not(test))]

@@ -44,6 +44,52 @@ const FAIL: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 const EHOSTUNREACH: i32 = 113;
 
+/// How the call's context holds the peer address.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// An IPv4 socket: `user_ip4`.
+    V4,
+    /// An IPv6 socket naming an IPv4 peer as `::ffff:a.b.c.d` (dual-stack
+    /// sockets, Java's default among them): the last word of `user_ip6`.
+    /// Other IPv6 addresses are left alone (IPv6 services come later).
+    V4InV6,
+}
+
+/// The `::ffff:` prefix of an IPv4-mapped address, as `user_ip6`'s third
+/// word holds it.
+const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// The peer's IPv4 address and port, if the context names one.
+#[inline(always)]
+fn peer(sa: *mut aya_ebpf::bindings::bpf_sock_addr, family: Family) -> Option<([u8; 4], u16)> {
+    // SAFETY: the kernel's context for this call; the verifier checks each
+    // 4-byte field access.
+    unsafe {
+        let port = u16::from_be((*sa).user_port as u16);
+        match family {
+            Family::V4 => Some(((*sa).user_ip4.to_ne_bytes(), port)),
+            Family::V4InV6 => {
+                let words = [(*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2]];
+                (words == [0, 0, V4_MAPPED]).then(|| ((*sa).user_ip6[3].to_ne_bytes(), port))
+            }
+        }
+    }
+}
+
+/// Points the context at `addr:port`, in the family it came in.
+#[inline(always)]
+fn set_peer(sa: *mut aya_ebpf::bindings::bpf_sock_addr, family: Family, addr: [u8; 4], port: u16) {
+    // SAFETY: writable fields of this call's context, written whole (as
+    // the verifier requires for the port).
+    unsafe {
+        match family {
+            Family::V4 => (*sa).user_ip4 = u32::from_ne_bytes(addr),
+            Family::V4InV6 => (*sa).user_ip6[3] = u32::from_ne_bytes(addr),
+        }
+        (*sa).user_port = port.to_be() as u32;
+    }
+}
+
 /// What the hook is doing for the socket.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Call {
@@ -54,15 +100,14 @@ pub enum Call {
     SendMsg,
 }
 
-/// connect4 and sendmsg4: the service address becomes a backend's.
+/// connect and sendmsg: the service address becomes a backend's.
 #[inline(always)]
-pub fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
+pub fn translate(ctx: &SockAddrContext, family: Family, call: Call) -> i32 {
     let sa = ctx.sock_addr;
     let Some(origin) = origin(ctx) else { return PROCEED };
-    // SAFETY: the context is the kernel's bpf_sock_addr for this call; the
-    // verifier checks each field access.
-    let (daddr, dport, proto) =
-        unsafe { ((*sa).user_ip4.to_ne_bytes(), u16::from_be((*sa).user_port as u16), (*sa).protocol as u8) };
+    let Some((daddr, dport)) = peer(sa, family) else { return PROCEED };
+    // SAFETY: as in `peer`.
+    let proto = unsafe { (*sa).protocol as u8 };
     let Some(fe) = lb::frontend(daddr, dport, proto, origin) else {
         return match lb::unserved(daddr) {
             Unserved::Pass => PROCEED,
@@ -81,11 +126,11 @@ pub fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     }
     // The node's clients leave from its address (routing picks it for
     // service and pod destinations) unless sendmsg names a source.
-    let msg_src = match call {
-        // SAFETY: a field only sendmsg's context has (the verifier refuses
+    let msg_src = match (call, family) {
+        // SAFETY: a field only sendmsg4's context has (the verifier refuses
         // it elsewhere, so it is read on that path alone).
-        Call::SendMsg => unsafe { core::ptr::read_volatile(&(*sa).msg_src_ip4) }.to_ne_bytes(),
-        Call::Connect => [0; 4],
+        (Call::SendMsg, Family::V4) => unsafe { core::ptr::read_volatile(&(*sa).msg_src_ip4) }.to_ne_bytes(),
+        _ => [0; 4],
     };
     let client = match maps::config() {
         Some(cfg) if msg_src == [0; 4] => cfg.snat_addr,
@@ -103,12 +148,7 @@ pub fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
                 &key,
                 &SockService { addr: daddr, port: dport, _pad: 0, frontend_id: fe.id },
             );
-            // SAFETY: writable fields of this call's context; the port is
-            // written whole, as the verifier requires.
-            unsafe {
-                (*sa).user_ip4 = u32::from_ne_bytes(backend.addr);
-                (*sa).user_port = backend.port.to_be() as u32;
-            }
+            set_peer(sa, family, backend.addr, backend.port);
             maps::count_packet(fe.id, 0, true);
             PROCEED
         }
@@ -127,20 +167,16 @@ pub fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     }
 }
 
-/// recvmsg4 and getpeername4: a backend's address becomes the service's
+/// recvmsg and getpeername: a backend's address becomes the service's
 /// again, for sockets these hooks translated.
 #[inline(always)]
-pub fn restore(ctx: &SockAddrContext) -> i32 {
+pub fn restore(ctx: &SockAddrContext, family: Family) -> i32 {
     let sa = ctx.sock_addr;
-    // SAFETY: as in `translate`.
-    let (addr, port) = unsafe { ((*sa).user_ip4.to_ne_bytes(), u16::from_be((*sa).user_port as u16)) };
-    // SAFETY: the socket of this call.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Some(service) = maps::sock_service(&SockKey { cookie, addr, port, _pad: 0 }) {
-        // SAFETY: writable fields of this call's context.
-        unsafe {
-            (*sa).user_ip4 = u32::from_ne_bytes(service.addr);
-            (*sa).user_port = service.port.to_be() as u32;
+    if let Some((addr, port)) = peer(sa, family) {
+        // SAFETY: the socket of this call.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if let Some(service) = maps::sock_service(&SockKey { cookie, addr, port, _pad: 0 }) {
+            set_peer(sa, family, service.addr, service.port);
         }
     }
     // These hooks may only proceed.

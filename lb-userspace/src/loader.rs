@@ -20,9 +20,18 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 pub const XDP_PROGRAM: &str = "lb_xdp";
 pub const TC_EXT_PROGRAM: &str = "lb_tc_ext";
 pub const TC_POD_PROGRAM: &str = "lb_tc_pod";
-/// The cgroup socket hooks, each with the attach type it is built for.
-pub const SOCK_PROGRAMS: [&str; 4] =
-    ["lb_sock_connect4", "lb_sock_sendmsg4", "lb_sock_recvmsg4", "lb_sock_peer4"];
+/// The cgroup socket hooks, each with the attach type it is built for
+/// (the `6` ones serve IPv4-mapped peers of dual-stack sockets).
+pub const SOCK_PROGRAMS: [&str; 8] = [
+    "lb_sock_connect4",
+    "lb_sock_sendmsg4",
+    "lb_sock_recvmsg4",
+    "lb_sock_peer4",
+    "lb_sock_connect6",
+    "lb_sock_sendmsg6",
+    "lb_sock_recvmsg6",
+    "lb_sock_peer6",
+];
 
 /// Whose sockets the socket hooks serve: fixed at load time, as the
 /// programs' constants.

@@ -130,6 +130,17 @@ fn h05_udp_replies_come_from_the_service_address_and_getpeername_gives_it() {
     assert_eq!(Cluster::netcheck(&c.host(0), &["udp-peer", "10.96.0.15:53"]).unwrap(), ["10.96.0.15:53"]);
     let out = Cluster::netcheck(&c.host(0), &["connect", "10.96.0.10:80"]).unwrap();
     assert!(out[0].starts_with("ok ") && out[0].ends_with(" 10.96.0.10:80"), "TCP getpeername: {out:?}");
+    // Dual-stack sockets name IPv4 services as `::ffff:a.b.c.d` (Java's
+    // default): the IPv6 hooks serve them the same way.
+    let out = Cluster::netcheck(&c.host(0), &["connect", "[::ffff:10.96.0.10]:80"]).unwrap();
+    assert!(
+        out[0].starts_with("ok ") && out[0].ends_with(" [::ffff:10.96.0.10]:80"),
+        "v4-mapped TCP: {out:?}"
+    );
+    let out = Cluster::netcheck(&c.host(0), &["udp-from", "[::ffff:10.96.0.15]:53", "3"]).unwrap();
+    for line in &out {
+        assert!(line.ends_with(" [::ffff:10.96.0.15]:53") && line.contains(":q"), "v4-mapped UDP: {out:?}");
+    }
 }
 
 #[test]
@@ -210,7 +221,16 @@ fn h08_host_connections_keep_working_across_an_agent_restart() {
     let cgroup = &c.cgroups[0].dir;
     let show = Command::new("bpftool").args(["cgroup", "show"]).arg(cgroup).output().unwrap();
     let text = String::from_utf8_lossy(&show.stdout);
-    for hook in ["inet4_connect", "udp4_sendmsg", "udp4_recvmsg", "inet4_getpeername"] {
+    for hook in [
+        "inet4_connect",
+        "udp4_sendmsg",
+        "udp4_recvmsg",
+        "inet4_getpeername",
+        "inet6_connect",
+        "udp6_sendmsg",
+        "udp6_recvmsg",
+        "inet6_getpeername",
+    ] {
         assert_eq!(
             text.lines().filter(|l| l.contains(hook)).count(),
             1,

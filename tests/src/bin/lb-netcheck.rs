@@ -169,7 +169,8 @@ fn connect(to: &str) -> Result<()> {
 }
 
 fn udp_from(to: &str, count: u32) -> Result<()> {
-    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    // An IPv6 (dual-stack) socket for `[::ffff:a.b.c.d]:port`.
+    let sock = UdpSocket::bind(if to.starts_with('[') { "[::]:0" } else { "0.0.0.0:0" })?;
     sock.set_read_timeout(Some(Duration::from_secs(2)))?;
     for i in 0..count {
         sock.send_to(format!("q{i}").as_bytes(), to)?;
