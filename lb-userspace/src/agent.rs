@@ -348,11 +348,14 @@ impl Agent {
     /// hooks) is no longer one of its frontend's: the node's, and with
     /// `--socket-lb all` the pods'.
     fn terminate_stale_sockets(&mut self) {
-        let live = self.dataplane.live_backends();
-        let rev = &self.dataplane.store.sock_rev;
+        let dataplane = &self.dataplane;
+        // Built at the first socket the hooks connected, if there is one:
+        // most syncs find none and skip the walk over every frontend.
+        let mut live = None;
         let mut stale = |cookie: u64, addr: [u8; 4], port: u16| {
             let key = SockKey { cookie, addr, port, _pad: 0 };
-            rev.get(&key, 0).is_ok_and(|svc| {
+            dataplane.store.sock_rev.get(&key, 0).is_ok_and(|svc| {
+                let live = live.get_or_insert_with(|| dataplane.live_backends());
                 live.get(&svc.frontend_id).is_none_or(|backends| !backends.contains(&(addr, port)))
             })
         };

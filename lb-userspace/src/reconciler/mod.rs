@@ -88,6 +88,9 @@ pub struct Reconciler {
     maybe_stale: BTreeSet<BackendAddr>,
     node_addrs: BTreeSet<[u8; 4]>,
     cluster_ips: BTreeSet<[u8; 4]>,
+    /// A frontend came, went or changed kind since `cluster_ips` was
+    /// derived: only then does a plan walk the frontends for it.
+    cluster_ips_stale: bool,
     service_cidrs: BTreeSet<Ipv4Net>,
     config: Option<Config>,
     next_backend_id: u32,
@@ -374,6 +377,7 @@ impl Reconciler {
 
         // Then what is gone, in reverse: frontends, their slots, backends.
         for key in gone {
+            self.cluster_ips_stale = true;
             let fe = self.frontends.remove(&key).expect("listed above");
             for k in fe.desired.iter().flat_map(|d| refs_of(d, &key)) {
                 self.unref(k);
@@ -424,16 +428,18 @@ impl Reconciler {
         let old_addrs: Vec<[u8; 4]> = self.node_addrs.difference(&addresses).copied().collect();
         ops.extend(old_addrs.into_iter().map(Op::DelNodeAddr));
         self.node_addrs = addresses;
-        let cluster_ips: BTreeSet<[u8; 4]> = self
-            .frontends
-            .iter()
-            .filter(|(_, f)| f.value.kind == FrontendKind::ClusterIp as u8)
-            .filter_map(|(k, _)| keys::ipv4(k.ip).ok())
-            .collect();
-        ops.extend(cluster_ips.difference(&self.cluster_ips).copied().map(Op::PutClusterIp));
-        ops.extend(self.cluster_ips.difference(&cluster_ips).copied().map(Op::DelClusterIp));
+        if std::mem::take(&mut self.cluster_ips_stale) {
+            let cluster_ips: BTreeSet<[u8; 4]> = self
+                .frontends
+                .iter()
+                .filter(|(_, f)| f.value.kind == FrontendKind::ClusterIp as u8)
+                .filter_map(|(k, _)| keys::ipv4(k.ip).ok())
+                .collect();
+            ops.extend(cluster_ips.difference(&self.cluster_ips).copied().map(Op::PutClusterIp));
+            ops.extend(self.cluster_ips.difference(&cluster_ips).copied().map(Op::DelClusterIp));
+            self.cluster_ips = cluster_ips;
+        }
         ops.extend(self.service_cidrs.difference(&service_cidrs).copied().map(Op::DelServiceCidr));
-        self.cluster_ips = cluster_ips;
         self.service_cidrs = service_cidrs;
         Ok(ops)
     }
@@ -524,6 +530,7 @@ impl Reconciler {
         if is_new || value != current.value {
             ops.push(Op::PutFrontend(kernel_key, value));
         }
+        self.cluster_ips_stale |= is_new || value.kind != current.value.kind;
         for slot in new_len..old_len {
             ops.push(Op::DelSlot(SlotKey { frontend_id: id, slot: slot as u32 }));
         }
@@ -607,6 +614,7 @@ impl Reconciler {
         r.free_frontend_ids = (1..r.next_frontend_id).filter(|id| !used_ids.contains(id)).collect();
         r.node_addrs = maps.node_addrs.clone();
         r.cluster_ips = maps.cluster_ips.clone();
+        r.cluster_ips_stale = true;
         r.service_cidrs = maps.service_cidrs.clone();
         r.config = maps.config.filter(|c| *c != Config::default());
         Ok(r)

@@ -363,3 +363,23 @@ fn adoption_completes_older_pins_and_drops_orphaned_endpoints() {
     let again = r.plan(&desired(&[1, 2]), &node()).unwrap();
     assert!(!again.iter().any(|o| matches!(o, Op::PutEndpoint(_) | Op::DelEndpoint(_))), "{again:#?}");
 }
+
+#[test]
+fn the_catch_all_follows_cluster_ips_as_frontends_come_go_and_change_kind() {
+    let ip = [10, 96, 0, 10];
+    let mut r = Reconciler::new();
+    let ops = r.plan(&desired(&[1]), &node()).unwrap();
+    assert!(ops.contains(&Op::PutClusterIp(ip)), "{ops:#?}");
+    // An endpoint change leaves the ClusterIPs alone.
+    let ops = r.plan(&desired(&[1, 2]), &node()).unwrap();
+    assert!(!ops.iter().any(|o| matches!(o, Op::PutClusterIp(_) | Op::DelClusterIp(_))), "{ops:#?}");
+    // The same address and port, now another Service's external IP.
+    let mut external = desired(&[1, 2]);
+    Arc::make_mut(external.frontends.get_mut(&web()).unwrap()).kind = FrontendKind::ExternalIp;
+    let ops = r.plan(&external, &node()).unwrap();
+    assert!(ops.contains(&Op::DelClusterIp(ip)), "{ops:#?}");
+    let ops = r.plan(&desired(&[1, 2]), &node()).unwrap();
+    assert!(ops.contains(&Op::PutClusterIp(ip)), "{ops:#?}");
+    let ops = r.plan(&Desired::default(), &node()).unwrap();
+    assert!(ops.contains(&Op::DelClusterIp(ip)), "{ops:#?}");
+}
