@@ -29,27 +29,6 @@ fn answers_from(answers: &[String], allowed: &[&str], what: &str) {
     }
 }
 
-fn service(
-    name: &str,
-    cluster_ip: &str,
-    protocol: &str,
-    port: u16,
-    target: u16,
-    extra: &str,
-    eps: &[(&str, &str)],
-) -> String {
-    one_port_service(name, cluster_ip, (protocol, port, target), extra, eps)
-}
-
-fn eventually_http(
-    host: &HostProcess,
-    url: &str,
-    what: &str,
-    check: impl Fn(&[String]) -> bool,
-) -> Vec<String> {
-    http_until(host, url, what, check).unwrap()
-}
-
 #[test]
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn h01_the_node_reaches_a_cluster_ip_spread_over_its_replicas() {
@@ -150,24 +129,51 @@ fn h06_affinity_and_internal_traffic_policy_local_from_the_host() {
     let sticky = Cluster::http(&c.host(0), "http://10.96.0.17/", 20).unwrap();
     assert_eq!(tally(&sticky).len(), 1, "ClientIP affinity keeps one backend: {:?}", tally(&sticky));
     let eps = [("10.244.1.10", "node-1"), ("10.244.2.10", "node-2")];
-    let local =
-        service("local-only", "10.96.0.40", "TCP", 80, 8080, "  internalTrafficPolicy: Local\n", &eps);
+    let local = one_port_service(
+        "local-only",
+        "10.96.0.40",
+        ("TCP", 80, 8080),
+        "  internalTrafficPolicy: Local\n",
+        &eps,
+    );
     c.write_manifest("itp-local.yaml", &local).unwrap();
-    let node1 = eventually_http(&c.host(0), "http://10.96.0.40/", "iTP=Local on node-1", |a| {
+    let node1 = http_until(&c.host(0), "http://10.96.0.40/", "iTP=Local on node-1", |a| {
         a.iter().all(|x| x == "web-a")
-    });
+    })
+    .unwrap();
     assert_eq!(node1.len(), 6);
-    eventually_http(&c.host(1), "http://10.96.0.40/", "iTP=Local on node-2", |a| {
-        a.iter().all(|x| x == "web-c")
-    });
+    http_until(&c.host(1), "http://10.96.0.40/", "iTP=Local on node-2", |a| a.iter().all(|x| x == "web-c"))
+        .unwrap();
+    // No local endpoint: kube-proxy drops; the socket hook fails the
+    // connect() at once instead of letting it time out.
+    let eps = [("10.244.1.10", "node-1")];
+    let here = one_port_service(
+        "local-here",
+        "10.96.0.42",
+        ("TCP", 80, 8080),
+        "  internalTrafficPolicy: Local\n",
+        &eps,
+    );
+    c.write_manifest("itp-local-here.yaml", &here).unwrap();
+    let failed = wait_for(Duration::from_secs(5), || {
+        let out = Cluster::netcheck(&c.host(1), &["connect", "10.96.0.42:80"]).ok()?;
+        // Until the agent has the Service, the connect() times out.
+        out[0].contains("No route to host").then_some(out)
+    })
+    .expect("node-2 has no endpoint of an iTP=Local service: connect() fails with EHOSTUNREACH");
+    let ms: u64 = failed[0].split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(ms < 100, "failed at once: {failed:?}");
+    let ok = Cluster::netcheck(&c.host(0), &["connect", "10.96.0.42:80"]).unwrap();
+    assert!(ok[0].starts_with("ok "), "node-1 has the endpoint: {ok:?}");
 }
 
 #[test]
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn h07_a_connected_udp_socket_to_a_removed_backend_is_terminated_within_a_second() {
     let c = cluster();
-    let only =
-        |addr: &str, node: &str| service("dns-hold", "10.96.0.41", "UDP", 53, 5353, "", &[(addr, node)]);
+    let only = |addr: &str, node: &str| {
+        one_port_service("dns-hold", "10.96.0.41", ("UDP", 53, 5353), "", &[(addr, node)])
+    };
     c.write_manifest("dns-hold.yaml", &only("10.244.1.10", "node-1")).unwrap();
     let ready = wait_for(Duration::from_secs(5), || {
         let out = Cluster::udp(&c.host(0), "10.96.0.41:53", 1).ok()?;
