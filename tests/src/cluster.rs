@@ -368,8 +368,19 @@ impl Cluster {
 
     /// One HTTP request; `Err` carries curl's exit code (7: refused, 28: timeout).
     pub fn http_once(ns: &impl Place, url: &str, timeout_s: u32) -> Result<String, i32> {
-        let output =
-            ns.cmd("curl").args(["-s", "-m", &timeout_s.to_string(), url]).output().map_err(|_| -1)?;
+        Self::curl_once(ns, url, &timeout_s.to_string())
+    }
+
+    /// `http_once` giving up after 0.3 s: for polling until a change
+    /// answers, so that a probe sent before the agent applied it does not
+    /// hold the poll up. (A probe that times out is no proof that something
+    /// stopped: poll for that with `http_once`.)
+    pub fn http_probe(ns: &impl Place, url: &str) -> Result<String, i32> {
+        Self::curl_once(ns, url, "0.3")
+    }
+
+    fn curl_once(ns: &impl Place, url: &str, timeout_s: &str) -> Result<String, i32> {
+        let output = ns.cmd("curl").args(["-s", "-m", timeout_s, url]).output().map_err(|_| -1)?;
         if output.status.success() {
             Ok(String::from_utf8_lossy(&output.stdout).into_owned())
         } else {
