@@ -176,6 +176,43 @@ impl CtKey {
     }
 }
 
+/// An IPv4 datagram's fragments (`lb_fragments`): what they all carry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// The IPv4 identification field, in network order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// How the first fragment of a datagram was translated, for the ones that
+/// follow it: they carry no ports, so they get its addresses (and go where
+/// it went).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragEntry {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub frontend_id: u32,
+    /// `ct_flags` of the first fragment's rewrite.
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FragEntry {
+    pub const fn new(nat: &Nat, frontend_id: u32) -> Self {
+        Self { saddr: nat.saddr, daddr: nat.daddr, frontend_id, flags: nat.flags, _pad: [0; 3] }
+    }
+
+    /// The rewrite for a later fragment (no ports to change).
+    pub const fn nat(&self) -> Nat {
+        Nat { saddr: self.saddr, daddr: self.daddr, sport: 0, dport: 0, flags: self.flags }
+    }
+}
+
 /// Conntrack entry flags (`CtEntry::flags`).
 pub mod ct_flags {
     /// This entry matches replies (backend → client); otherwise requests.
@@ -601,6 +638,8 @@ mod pod {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for SockService {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragEntry {}
 }
 
 #[cfg(test)]

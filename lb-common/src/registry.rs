@@ -116,6 +116,8 @@ maps! {
         "LRU: (frontend id, client) -> the client's ClientIP-affinity backend";
     SOCK_REV: "lb_sock_rev", LruHash, flag("sock-rev-size", 262_144), pinned: true, programmed: false,
         "LRU: (socket cookie, backend) -> the service address the socket hooks translated";
+    FRAGMENTS: "lb_fragments", LruHash, Size::Fixed(16_384), pinned: false, programmed: false,
+        "LRU: (source, destination, IP id, protocol) of a datagram in fragments -> its first fragment's rewrite";
     SVC_STATS: "lb_svc_stats", PerCpuArray, Size::Fixed(262_144), pinned: true, programmed: false,
         "per-CPU counters per frontend id (packets, bytes, new flows)";
     DROPS: "lb_drops", PerCpuArray, Size::Fixed(crate::Drop::SLOTS), pinned: true, programmed: false,

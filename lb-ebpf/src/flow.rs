@@ -7,10 +7,10 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack,
+    conntrack, frag,
     lb::{self, Choice, Origin, Unserved},
     maps::{self, count_packet},
-    parse::Packet,
+    parse::{Fragment, Packet},
     snat,
 };
 
@@ -62,7 +62,7 @@ pub fn process(pkt: &Packet, origin: Origin, redirects: bool) -> Verdict {
         if entry.is_reply() || pkt.proto == L4::Tcp || maps::is_endpoint(entry.frontend_id, entry.backend_id)
         {
             count_packet(entry.frontend_id, pkt.ip_len as u32, false);
-            return Verdict::Translate(entry.nat());
+            return translate(pkt, entry.nat(), entry.frontend_id);
         }
     }
     match lb::frontend(pkt.key.daddr, pkt.key.dport, pkt.key.proto, origin) {
@@ -77,6 +77,15 @@ pub fn process(pkt: &Packet, origin: Origin, redirects: bool) -> Verdict {
             Unserved::Drop => Verdict::Drop(Drop::UnallocatedClusterIp),
         },
     }
+}
+
+/// A first fragment's translation is kept for the fragments that follow.
+#[inline(always)]
+fn translate(pkt: &Packet, nat: Nat, frontend_id: u32) -> Verdict {
+    if pkt.fragment == Fragment::First {
+        frag::remember(pkt, &nat, frontend_id);
+    }
+    Verdict::Translate(nat)
 }
 
 // Its own BPF function: a stack frame apart from the established-flow path
@@ -100,7 +109,7 @@ fn new_flow(pkt: &Packet, fe: &Frontend, origin: Origin, may_bypass: bool) -> Ve
         Ok(nat) => {
             lb::remember(fe, client, backend_id, now);
             count_packet(fe.id, pkt.ip_len as u32, true);
-            Verdict::Translate(nat)
+            translate(pkt, nat, fe.id)
         }
         Err(reason) => Verdict::Drop(reason),
     }

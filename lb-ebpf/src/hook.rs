@@ -12,11 +12,11 @@ use lb_common::{Drop, Nat};
 
 use crate::{
     flow::{self, Verdict},
-    fwd,
+    frag, fwd,
     lb::Origin,
-    maps::count_drop,
+    maps::{count_drop, count_packet},
     nat,
-    parse::{self, Packet},
+    parse::{self, Fragment, Packet},
     reject,
 };
 
@@ -36,6 +36,8 @@ pub trait Hook: EbpfContext {
     fn packet(&self) -> Option<Packet>;
     /// Rewrites the packet in place as `nat` says.
     fn rewrite(&self, pkt: &Packet, nat: &Nat) -> bool;
+    /// Rewrites a later fragment's addresses as `nat` says.
+    fn rewrite_fragment(&self, pkt: &Packet, nat: &Nat) -> bool;
     /// Where a translated packet goes next.
     fn forward(&self, pkt: &Packet, nat: &Nat) -> Self::Action;
     /// Turns the packet into an ICMP port unreachable back to its sender;
@@ -49,6 +51,9 @@ pub fn run<H: Hook>(ctx: &H, origin: Origin) -> H::Action {
         return H::PASS;
     };
     let k = &pkt.key;
+    if pkt.fragment == Fragment::Later {
+        return later_fragment(ctx, &pkt);
+    }
     match flow::process(&pkt, origin, H::REDIRECTS) {
         Verdict::Pass => H::PASS,
         Verdict::Drop(reason) => {
@@ -85,14 +90,32 @@ pub fn run<H: Hook>(ctx: &H, origin: Origin) -> H::Action {
                 H::DROP
             }
         },
-        Verdict::Translate(nat) => {
-            if ctx.rewrite(&pkt, &nat) {
-                ctx.forward(&pkt, &nat)
-            } else {
-                count_drop(Drop::RewriteFailed);
-                H::DROP
-            }
+        Verdict::Translate(nat) => carry_out(ctx, &pkt, &nat, ctx.rewrite(&pkt, &nat)),
+    }
+}
+
+/// A fragment after the first goes as its datagram's first went.
+// Its own BPF function: a stack frame apart from the new-flow path's.
+#[inline(never)]
+fn later_fragment<H: Hook>(ctx: &H, pkt: &Packet) -> H::Action {
+    match frag::translation(pkt) {
+        Some(first) => {
+            count_packet(first.frontend_id, pkt.ip_len as u32, false);
+            let nat = first.nat();
+            carry_out(ctx, pkt, &nat, ctx.rewrite_fragment(pkt, &nat))
         }
+        None => H::PASS,
+    }
+}
+
+/// Forwards a translated packet, or drops it if the rewrite failed.
+#[inline(always)]
+fn carry_out<H: Hook>(ctx: &H, pkt: &Packet, nat: &Nat, rewritten: bool) -> H::Action {
+    if rewritten {
+        ctx.forward(pkt, nat)
+    } else {
+        count_drop(Drop::RewriteFailed);
+        H::DROP
     }
 }
 
@@ -114,6 +137,11 @@ impl Hook for XdpContext {
     #[inline(always)]
     fn rewrite(&self, pkt: &Packet, nat: &Nat) -> bool {
         nat::rewrite_xdp(self.data(), self.data_end(), pkt, nat).is_some()
+    }
+
+    #[inline(always)]
+    fn rewrite_fragment(&self, pkt: &Packet, nat: &Nat) -> bool {
+        nat::fragment_xdp(self.data(), self.data_end(), pkt, nat).is_some()
     }
 
     #[inline(always)]
@@ -147,6 +175,11 @@ impl Hook for TcContext {
     #[inline(always)]
     fn rewrite(&self, pkt: &Packet, nat: &Nat) -> bool {
         nat::rewrite_tc(self, pkt, nat).is_ok()
+    }
+
+    #[inline(always)]
+    fn rewrite_fragment(&self, pkt: &Packet, nat: &Nat) -> bool {
+        nat::fragment_tc(self, pkt, nat).is_ok()
     }
 
     /// Flows from outside are redirected (both ways); pods' own traffic

@@ -20,6 +20,7 @@
 
 mod conntrack;
 mod flow;
+mod frag;
 mod fwd;
 mod hook;
 mod lb;

@@ -11,8 +11,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityEntry, AffinityKey, AffinityMatchKey, Backend, Config, CtEntry, CtKey, Drop, Event, FlowBuf,
-    Frontend, FrontendKey, NextHop, ServiceName, SlotKey, SockKey, SockService, SourceRangeKey, SvcStats,
-    registry as reg,
+    FragEntry, FragKey, Frontend, FrontendKey, NextHop, ServiceName, SlotKey, SockKey, SockService,
+    SourceRangeKey, SvcStats, registry as reg,
 };
 
 const fn cap(m: reg::MapDef) -> usize {
@@ -64,6 +64,9 @@ pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { cap(reg::AFFINI
 
 #[btf_map(name = "lb_sock_rev")]
 pub static LB_SOCK_REV: LruHashMap<SockKey, SockService, { cap(reg::SOCK_REV) }> = LruHashMap::new();
+
+#[btf_map(name = "lb_fragments")]
+pub static LB_FRAGMENTS: LruHashMap<FragKey, FragEntry, { cap(reg::FRAGMENTS) }> = LruHashMap::new();
 
 #[btf_map(name = "lb_svc_stats")]
 pub static LB_SVC_STATS: PerCpuArray<SvcStats, { cap(reg::SVC_STATS) }> = PerCpuArray::new();
@@ -156,6 +159,17 @@ pub fn sock_service(key: &SockKey) -> Option<SockService> {
 pub fn set_sock_service(key: &SockKey, service: &SockService) {
     // Best effort: without it, recvmsg() and getpeername() show the backend.
     let _ = LB_SOCK_REV.insert(key, service, BPF_ANY as u64);
+}
+
+/// How the first fragment of `key`'s datagram was translated.
+pub fn fragment(key: &FragKey) -> Option<FragEntry> {
+    LB_FRAGMENTS.get_ptr(key).map(|p| unsafe { *p })
+}
+
+pub fn set_fragment(key: &FragKey, entry: &FragEntry) {
+    // Best effort: without it, the later fragments pass untranslated and
+    // the datagram is lost, as it would be to a full reassembly queue.
+    let _ = LB_FRAGMENTS.insert(key, entry, BPF_ANY as u64);
 }
 
 /// The conntrack entry of `key`, read in place.

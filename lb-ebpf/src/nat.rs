@@ -4,7 +4,9 @@
 //! writes the bytes directly and updates checksums incrementally (RFC 1624,
 //! `lb_common::csum`). TC sees socket buffers whose L4 checksum may still be
 //! partial (offloaded), so it uses the kernel's csum helpers, which handle
-//! both cases.
+//! both cases. A later fragment has no transport header: only its
+//! addresses (and the IP checksum) change; the datagram's transport
+//! checksum, in the first fragment, was updated there.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
@@ -94,6 +96,50 @@ fn set_addr(
     let (from, to) = (u32::from_ne_bytes(old) as u64, u32::from_ne_bytes(new) as u64);
     // Addresses are part of the L4 pseudo header.
     ctx.l4_csum_replace(check, from, to, l4_flags | BPF_F_PSEUDO_HDR as u64 | 4)?;
+    ctx.l3_csum_replace(pkt.l3() + IP_CHECK_OFF, from, to, 4)?;
+    ctx.store(off, &new, 0)
+}
+
+/// Rewrites the addresses of a later fragment (`Fragment::Later`) in
+/// `data..data_end`: the IP header alone.
+#[inline(always)]
+pub fn fragment_xdp(data: usize, data_end: usize, pkt: &Packet, e: &Nat) -> Option<()> {
+    let ip: *mut Ipv4Hdr = ptr_at(data, data_end, pkt.l3())?;
+    // SAFETY: bounds-checked above.
+    unsafe {
+        let mut l3 = u16::from_be_bytes((*ip).check);
+        if e.flags & ct_flags::REWRITE_SRC != 0 {
+            l3 = csum::replace32(l3, pkt.key.saddr, e.saddr);
+            (*ip).src_addr = e.saddr;
+        }
+        if e.flags & ct_flags::REWRITE_DST != 0 {
+            l3 = csum::replace32(l3, pkt.key.daddr, e.daddr);
+            (*ip).dst_addr = e.daddr;
+        }
+        (*ip).check = l3.to_be_bytes();
+    }
+    Some(())
+}
+
+/// The same for a socket buffer.
+#[inline(always)]
+pub fn fragment_tc(ctx: &TcContext, pkt: &Packet, e: &Nat) -> Result<(), i64> {
+    if e.flags & ct_flags::REWRITE_SRC != 0 {
+        set_ip_addr(ctx, pkt, pkt.l3() + IP_SADDR_OFF, pkt.key.saddr, e.saddr)?;
+    }
+    if e.flags & ct_flags::REWRITE_DST != 0 {
+        set_ip_addr(ctx, pkt, pkt.l3() + IP_DADDR_OFF, pkt.key.daddr, e.daddr)?;
+    }
+    Ok(())
+}
+
+/// An address in the IP header only.
+#[inline(always)]
+fn set_ip_addr(ctx: &TcContext, pkt: &Packet, off: usize, old: [u8; 4], new: [u8; 4]) -> Result<(), i64> {
+    if old == new {
+        return Ok(());
+    }
+    let (from, to) = (u32::from_ne_bytes(old) as u64, u32::from_ne_bytes(new) as u64);
     ctx.l3_csum_replace(pkt.l3() + IP_CHECK_OFF, from, to, 4)?;
     ctx.store(off, &new, 0)
 }

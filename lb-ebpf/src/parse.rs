@@ -1,7 +1,7 @@
 //! Header parsing: Ethernet (with at most one 802.1Q/802.1ad tag), IPv4,
-//! TCP and UDP. Anything else (SCTP included, until its CRC32c can be
-//! rewritten), fragments, and packets too short or inconsistent to trust
-//! yield `None` and are passed untouched.
+//! TCP and UDP, whole or in fragments. Anything else (SCTP included, until
+//! its CRC32c can be rewritten), and packets too short or inconsistent to
+//! trust yield `None` and are passed untouched.
 
 use core::mem::size_of;
 
@@ -13,8 +13,20 @@ const VLAN_HLEN: usize = 4;
 const ETH_P_IP: [u8; 2] = [0x08, 0x00];
 const ETH_P_8021Q: [u8; 2] = [0x81, 0x00];
 const ETH_P_8021AD: [u8; 2] = [0x88, 0xa8];
-/// More-fragments flag and fragment offset of the IPv4 `frags` field.
-const IP_MF_OFFSET: u16 = 0x3fff;
+/// The more-fragments flag and the fragment offset of the IPv4 `frags` field.
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
+
+/// Which part of its datagram a packet is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    Whole,
+    /// The first fragment: it has the transport header.
+    First,
+    /// A later fragment: no transport header, so no ports; it is
+    /// translated as its datagram's first fragment was (`frag`).
+    Later,
+}
 
 /// Where the headers of an IPv4 TCP/UDP packet are, and its 5-tuple.
 #[derive(Clone, Copy)]
@@ -35,9 +47,26 @@ pub struct Packet {
     pub proto: L4,
     /// SYN/FIN/RST as `ct_tcp` bits (0 for UDP).
     pub tcp_flags: u8,
+    pub fragment: Fragment,
+    /// The IPv4 identification field (network order): with the addresses
+    /// and protocol, what a datagram's fragments have in common.
+    pub ip_id: u16,
 }
 
 impl Packet {
+    const EMPTY: Self = Self {
+        l3: 0,
+        l4: 0,
+        l2_len: 0,
+        ip_len: 0,
+        plain_ip: false,
+        key: CtKey::new([0; 4], [0; 4], 0, 0, 0),
+        proto: L4::Tcp,
+        tcp_flags: 0,
+        fragment: Fragment::Whole,
+        ip_id: 0,
+    };
+
     #[inline(always)]
     pub fn l3(&self) -> usize {
         self.l3 as usize
@@ -66,6 +95,27 @@ pub fn ptr_at<T>(data: usize, data_end: usize, off: usize) -> Option<*mut T> {
 /// IPv4 total length must fit inside it.
 #[inline(always)]
 pub fn parse(data: usize, data_end: usize, pkt_len: usize) -> Option<Packet> {
+    let mut pkt = Packet::EMPTY;
+    parse_into(data, data_end, pkt_len, &mut pkt).then_some(pkt)
+}
+
+// Its own BPF function: its locals get a frame apart from the packet
+// path's, which the new-flow path adds to (the verifier allows 512 bytes
+// for the deepest chain of calls). It fills in `out` rather than return an
+// `Option<Packet>`: the kernel refuses the BTF bpf-linker writes for that.
+#[inline(never)]
+fn parse_into(data: usize, data_end: usize, pkt_len: usize, out: &mut Packet) -> bool {
+    match parse_inline(data, data_end, pkt_len) {
+        Some(pkt) => {
+            *out = pkt;
+            true
+        }
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn parse_inline(data: usize, data_end: usize, pkt_len: usize) -> Option<Packet> {
     let mut l2_len = ETH_HLEN;
     let mut ethertype: [u8; 2] = unsafe { *ptr_at(data, data_end, 12)? };
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
@@ -78,7 +128,7 @@ pub fn parse(data: usize, data_end: usize, pkt_len: usize) -> Option<Packet> {
 
     let l3 = l2_len;
     let ip: *const Ipv4Hdr = ptr_at(data, data_end, l3)?;
-    let (vihl, proto, frags, tot_len, saddr, daddr) = unsafe {
+    let (vihl, proto, frags, tot_len, saddr, daddr, ip_id) = unsafe {
         (
             (*ip).vihl,
             (*ip).proto,
@@ -86,19 +136,27 @@ pub fn parse(data: usize, data_end: usize, pkt_len: usize) -> Option<Packet> {
             u16::from_be_bytes((*ip).tot_len),
             (*ip).src_addr,
             (*ip).dst_addr,
+            u16::from_ne_bytes((*ip).id),
         )
     };
     let ihl = ((vihl & 0x0f) as usize) * 4;
-    if vihl >> 4 != 4 || ihl < 20 || frags & IP_MF_OFFSET != 0 {
+    if vihl >> 4 != 4 || ihl < 20 {
         return None;
     }
     if (tot_len as usize) < ihl || l3 + tot_len as usize > pkt_len {
         return None;
     }
     let l4 = l3 + ihl;
+    let fragment = match (frags & IP_OFFSET, frags & IP_MF) {
+        (0, 0) => Fragment::Whole,
+        (0, _) => Fragment::First,
+        _ => Fragment::Later,
+    };
 
     let l4_proto = L4::from_proto(proto)?;
     let (sport, dport, tcp_flags, l4_min) = match l4_proto {
+        // No transport header: nothing more to read.
+        _ if fragment == Fragment::Later => (0, 0, 0, 0),
         L4::Tcp => {
             let tcp: *const TcpHdr = ptr_at(data, data_end, l4)?;
             let t = unsafe { &*tcp };
@@ -121,9 +179,11 @@ pub fn parse(data: usize, data_end: usize, pkt_len: usize) -> Option<Packet> {
             let udp: *const UdpHdr = ptr_at(data, data_end, l4)?;
             let u = unsafe { &*udp };
             // The datagram's own length must fit the IP payload (padding
-            // after it is allowed, as the stack trims it).
+            // after it is allowed, as the stack trims it); a first
+            // fragment holds only its start.
             let len = u16::from_be_bytes(u.len) as usize;
-            if len < size_of::<UdpHdr>() || ihl + len > tot_len as usize {
+            let whole = fragment == Fragment::Whole;
+            if len < size_of::<UdpHdr>() || (whole && ihl + len > tot_len as usize) {
                 return None;
             }
             (u16::from_be_bytes(u.src), u16::from_be_bytes(u.dst), 0, size_of::<UdpHdr>())
@@ -143,5 +203,7 @@ pub fn parse(data: usize, data_end: usize, pkt_len: usize) -> Option<Packet> {
         key: CtKey::new(saddr, daddr, sport, dport, proto),
         proto: l4_proto,
         tcp_flags,
+        fragment,
+        ip_id,
     })
 }

@@ -230,6 +230,7 @@ mod tests {
             (registry::DROPS.name, (4, 8)),
             (registry::NEXT_HOPS.name, (4, size_of::<NextHop>())),
             (registry::SOCK_REV.name, (size_of::<SockKey>(), size_of::<SockService>())),
+            (registry::FRAGMENTS.name, (size_of::<FragKey>(), size_of::<FragEntry>())),
         ]
         .into();
         for def in MAPS {

@@ -142,3 +142,67 @@ pub fn parse_port_unreachable(frame: &[u8]) -> Unreachable {
         eth_dst: eth.destination(),
     }
 }
+
+/// `frame` (Ethernet, then IPv4 without options) cut into IPv4 fragments
+/// with identification `id`, each carrying at most `chunk` bytes of the IP
+/// payload (a multiple of 8), as a sender's stack does for a datagram
+/// larger than its MTU.
+pub fn fragments(frame: &[u8], id: u16, chunk: usize) -> Vec<Vec<u8>> {
+    assert!(chunk.is_multiple_of(8) && chunk > 0, "fragment payloads are multiples of 8");
+    let (head, payload) = frame.split_at(14 + 20);
+    let parts: Vec<&[u8]> = payload.chunks(chunk).collect();
+    parts
+        .iter()
+        .enumerate()
+        .map(|(i, part)| {
+            let mut out = head.to_vec();
+            out.extend_from_slice(part);
+            let more = if i + 1 < parts.len() { 0x2000 } else { 0 };
+            let frags = more | ((i * chunk / 8) as u16);
+            out[14 + 2..14 + 4].copy_from_slice(&((20 + part.len()) as u16).to_be_bytes());
+            out[14 + 4..14 + 6].copy_from_slice(&id.to_be_bytes());
+            out[14 + 6..14 + 8].copy_from_slice(&frags.to_be_bytes());
+            set_ip_checksum(&mut out);
+            out
+        })
+        .collect()
+}
+
+/// Fragments (in order, each a frame) put back into one frame under the
+/// first one's headers, with every fragment's IP header checked and the
+/// fragments asserted to agree on addresses, id and protocol: what the
+/// receiver's reassembly would hand up.
+pub fn reassemble(frames: &[Vec<u8>]) -> Vec<u8> {
+    let header = |f: &[u8]| {
+        let h = etherparse::Ipv4HeaderSlice::from_slice(&f[14..]).expect("IPv4 header").to_header();
+        assert_eq!(h.header_checksum, h.calc_header_checksum(), "fragment's IPv4 header checksum");
+        h
+    };
+    let first = header(&frames[0]);
+    let mut out = frames[0][..14 + 20].to_vec();
+    for f in frames {
+        let h = header(f);
+        assert_eq!(
+            (h.source, h.destination, h.identification, h.protocol),
+            (first.source, first.destination, first.identification, first.protocol),
+            "fragments of one datagram"
+        );
+        assert_eq!(
+            h.fragment_offset.byte_offset() as usize,
+            out.len() - 14 - 20,
+            "fragments in order, no gap"
+        );
+        out.extend_from_slice(&f[14 + 20..14 + h.total_len as usize]);
+    }
+    let total = (out.len() - 14) as u16;
+    out[14 + 2..14 + 4].copy_from_slice(&total.to_be_bytes());
+    out[14 + 6..14 + 8].copy_from_slice(&[0, 0]);
+    set_ip_checksum(&mut out);
+    out
+}
+
+fn set_ip_checksum(frame: &mut [u8]) {
+    frame[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+    let h = etherparse::Ipv4HeaderSlice::from_slice(&frame[14..]).expect("IPv4 header").to_header();
+    frame[14 + 10..14 + 12].copy_from_slice(&h.calc_header_checksum().to_be_bytes());
+}

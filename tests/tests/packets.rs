@@ -468,6 +468,63 @@ fn udp_without_checksum_keeps_zero_and_vlan_tag_is_kept() {
 
 #[test]
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn a_datagram_in_fragments_is_translated_whole_both_ways() {
+    let mut bed = bed();
+    let id = bed
+        .service(frontend(CLUSTER_IP, 53, L4::Udp), FrontendKind::ClusterIp, &[Be::remote(REMOTE_POD, 5353)])
+        .unwrap();
+    // 2,000 bytes over a 1,500-byte MTU: two fragments, and a third here to
+    // have a middle one.
+    let request: Vec<u8> = (0..2000u32).map(|i| (i % 251) as u8).collect();
+    let whole = udp((POD_CLIENT, 40000), (CLUSTER_IP, 53), &request);
+    let sent = packet::fragments(&whole, 0x1234, 808);
+    assert_eq!(sent.len(), 3);
+    let out: Vec<Vec<u8>> = sent
+        .iter()
+        .map(|f| {
+            let run = bed.tc(f).unwrap();
+            assert_eq!(run.action, TC_ACT_OK);
+            run.frame
+        })
+        .collect();
+    let seen = packet::reassemble(&out);
+    let checked = parse_checked(&seen);
+    assert_eq!((checked.src, checked.dst), ((POD_CLIENT, 40000), (REMOTE_POD, 5353)));
+    assert_eq!(&seen[14 + 20 + 8..], &request[..], "payload intact");
+
+    // The backend's answer, as large, comes back in fragments too.
+    let answer = udp((REMOTE_POD, 5353), (POD_CLIENT, 40000), &request);
+    // (At XDP, as from another node; at TC, as from a local backend.)
+    let answered = packet::fragments(&answer, 0x4321, 1480);
+    for hook in ["xdp", "tc"] {
+        let out: Vec<Vec<u8>> = answered
+            .iter()
+            .map(|f| {
+                let (run, pass) = if hook == "xdp" { (bed.xdp(f), XDP_PASS) } else { (bed.tc(f), TC_ACT_OK) };
+                let run = run.unwrap();
+                assert_eq!(run.action, pass, "{hook}");
+                run.frame
+            })
+            .collect();
+        let checked = parse_checked(&packet::reassemble(&out));
+        assert_eq!((checked.src, checked.dst), ((CLUSTER_IP, 53), (POD_CLIENT, 40000)), "{hook}");
+    }
+
+    let stats = bed.maps.svc_stats.get(&id, 0).unwrap();
+    let (packets, bytes): (u64, u64) = stats.iter().fold((0, 0), |(p, b), s| (p + s.packets, b + s.bytes));
+    assert_eq!(packets, 7, "every fragment counted against the service");
+    let ip_bytes = |frames: &[Vec<u8>]| frames.iter().map(|f| f.len() as u64 - 14).sum::<u64>();
+    assert_eq!(bytes, ip_bytes(&sent) + 2 * ip_bytes(&answered));
+
+    // Another datagram of the same flow whose first fragment was not seen
+    // (reordered, or lost): its later fragments pass as they are.
+    let orphan = &packet::fragments(&whole, 0x5555, 808)[1];
+    let run = bed.tc(orphan).unwrap();
+    assert_eq!((run.action, &run.frame), (TC_ACT_OK, orphan));
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn non_service_and_malformed_traffic_is_passed_untouched() {
     let mut bed = bed();
     bed.service(frontend(CLUSTER_IP, 80, L4::Tcp), FrontendKind::ClusterIp, &[Be::local(LOCAL_POD, 8080)])
@@ -491,12 +548,13 @@ fn non_service_and_malformed_traffic_is_passed_untouched() {
         .write(&mut icmp, b"ping")
         .unwrap();
     cases.push(("ICMP", icmp));
-    let mut fragment = to_service.clone();
-    fragment[14 + 6] = 0x20; // more fragments
-    cases.push(("first fragment", fragment));
     let mut later_fragment = to_service.clone();
-    later_fragment[14 + 7] = 0x10; // offset != 0
-    cases.push(("later fragment", later_fragment));
+    later_fragment[14 + 7] = 0x10; // offset != 0, and no first fragment seen
+    cases.push(("later fragment of an unknown datagram", later_fragment));
+    let mut short_first = to_service[..14 + 20 + 16].to_vec();
+    short_first[14 + 2..14 + 4].copy_from_slice(&36u16.to_be_bytes());
+    short_first[14 + 6] = 0x20; // more fragments
+    cases.push(("first fragment cut inside the TCP header", short_first));
     let mut long_total = to_service.clone();
     long_total[14 + 2..14 + 4].copy_from_slice(&1500u16.to_be_bytes());
     cases.push(("total length beyond the frame", long_total));

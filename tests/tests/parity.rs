@@ -6,7 +6,7 @@
 use std::{path::Path, time::Duration};
 
 use lb_tests::{
-    cluster::{Cluster, NODE_ADDRS, http_until, one_port_service, standard_pods, tally},
+    cluster::{Cluster, NODE_ADDRS, Topology, http_until, one_port_service, standard_pods, tally},
     netns::{Place, wait_for},
 };
 
@@ -775,4 +775,47 @@ fn traffic_distribution_prefer_same_node_routes_to_the_same_node_or_falls_back_t
     eventually(pod, "http://10.96.0.73/", "node-1 falls back to zone-a", |a| a.iter().any(|x| x == "web-b"));
     let zone = Cluster::http(pod, "http://10.96.0.73/", 20).unwrap();
     assert!(zone.iter().all(|x| x == "web-a" || x == "web-b"), "zone-a only: {:?}", tally(&zone));
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn granular_checks_services_should_be_able_to_handle_large_requests_udp() {
+    large_udp_requests(cluster());
+    // Again on NIC-like links, where the agents use XDP.
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let nic_like = Cluster::with_topology(&examples, &standard_pods(), Topology::NicLike).unwrap();
+    assert!(nic_like.agent_log(0).contains("hook=xdp"), "XDP on node-1: {}", nic_like.agent_log(0));
+    large_udp_requests(nic_like);
+}
+
+fn large_udp_requests(c: Cluster) {
+    // One backend on each node: the fragments of the request and of the
+    // echoed answer cross the bridge or stay on the node.
+    let yaml = service(
+        "large",
+        "10.96.0.80",
+        "UDP",
+        53,
+        "  type: NodePort\n",
+        &[("10.244.1.10", "node-1"), ("10.244.2.10", "node-2")],
+    )
+    .replace("      targetPort: 5353\n", "      targetPort: 5353\n      nodePort: 30580\n");
+    c.write_manifest("large.yaml", &yaml).unwrap();
+    let pod = &c.pod("client-pod").ns;
+    let answers = wait_for(Duration::from_secs(5), || {
+        Cluster::udp(pod, "10.96.0.80:53", 1).ok().filter(|a| a[0].starts_with("web-"))
+    });
+    assert!(answers.is_some(), "the UDP Service answers");
+    // Upstream sends 2,000 bytes: over the 1,500-byte MTU, so in fragments.
+    // (The control: the network itself carries them, pod to pod.)
+    let direct = Cluster::netcheck(pod, &["udp-large", "10.244.2.10:5353", "2000", "3"]).unwrap();
+    assert_eq!(direct, ["web-c ok"; 3], "straight to the pod");
+    let node_port = format!("{}:30580", NODE_ADDRS[0]);
+    for (from, to) in [(pod, "10.96.0.80:53"), (&c.client, node_port.as_str())] {
+        let answers = Cluster::netcheck(from, &["udp-large", to, "2000", "20"]).unwrap();
+        let t = tally(&answers);
+        let intact = t.get("web-a ok").unwrap_or(&0) + t.get("web-c ok").unwrap_or(&0);
+        assert_eq!(intact, 20, "{to}: 20 of 20 large datagrams echoed intact: {t:?}");
+        assert!(t.contains_key("web-a ok") && t.contains_key("web-c ok"), "{to}: both backends: {t:?}");
+    }
 }

@@ -6,6 +6,10 @@
 //!   TCP echo on :7000.
 //! - `udp ADDR:PORT COUNT`: one datagram per line of output: the answer,
 //!   `refused` (ICMP port unreachable) or `timeout`.
+//! - `udp-large ADDR:PORT BYTES COUNT`: datagrams of BYTES bytes (more than
+//!   an MTU: sent in IP fragments), each from a fresh socket; one line per
+//!   datagram: `NAME ok` when the answer echoes every byte, `NAME corrupt`,
+//!   `refused` or `timeout`.
 //! - `stream ADDR:PORT SECONDS`: a long-lived TCP connection through the
 //!   echo server, checking every byte comes back; prints `ok <bytes>` or the
 //!   error and exits non-zero.
@@ -37,6 +41,7 @@ fn main() -> Result<()> {
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["serve", name] => serve(name),
         ["udp", to, count] => udp(to, count.parse()?),
+        ["udp-large", to, bytes, count] => udp_large(to, bytes.parse()?, count.parse()?),
         ["stream", to, seconds] => stream(to, Duration::from_secs(seconds.parse()?)),
         ["http-close", port] => http_close(port.parse()?),
         ["connect", to] => connect(to),
@@ -45,7 +50,7 @@ fn main() -> Result<()> {
         ["udp-hold", to, millis] => udp_hold(to, Duration::from_millis(millis.parse()?)),
         ["udp-loop", to, src, millis] => udp_loop(to, src.parse()?, Duration::from_millis(millis.parse()?)),
         _ => bail!(
-            "usage: lb-netcheck serve NAME | udp ADDR:PORT COUNT | stream ADDR:PORT SECONDS | http-close PORT \
+            "usage: lb-netcheck serve NAME | udp ADDR:PORT COUNT | udp-large ADDR:PORT BYTES COUNT | stream ADDR:PORT SECONDS | http-close PORT \
              | connect ADDR:PORT | udp-from ADDR:PORT COUNT | udp-peer ADDR:PORT | udp-hold ADDR:PORT MILLIS \
              | udp-loop ADDR:PORT SRCPORT MILLIS"
         ),
@@ -71,7 +76,7 @@ fn serve(name: &str) -> Result<()> {
     let udp = UdpSocket::bind("0.0.0.0:5353")?;
     let udp_name = name.to_string();
     std::thread::spawn(move || {
-        let mut buf = [0u8; 1500];
+        let mut buf = vec![0u8; 65_536];
         while let Ok((n, from)) = udp.recv_from(&mut buf) {
             let reply = format!("{udp_name}:{}", String::from_utf8_lossy(&buf[..n]));
             let _ = udp.send_to(reply.as_bytes(), from);
@@ -102,6 +107,30 @@ fn udp(to: &str, count: u32) -> Result<()> {
         let mut buf = [0u8; 1500];
         match sock.recv(&mut buf) {
             Ok(n) => println!("{}", String::from_utf8_lossy(&buf[..n])),
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => println!("refused"),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => println!("timeout"),
+            Err(e) => println!("error {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn udp_large(to: &str, bytes: usize, count: u32) -> Result<()> {
+    for i in 0..count {
+        let sock = UdpSocket::bind("0.0.0.0:0")?;
+        sock.connect(to)?;
+        sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let payload: Vec<u8> = (0..bytes).map(|b| b"0123456789abcdef"[(b + i as usize) % 16]).collect();
+        sock.send(&payload)?;
+        let mut buf = vec![0u8; 65_536];
+        match sock.recv(&mut buf) {
+            Ok(n) => {
+                let answer = &buf[..n];
+                let name_end = answer.iter().position(|&b| b == b':').unwrap_or(n);
+                let name = String::from_utf8_lossy(&answer[..name_end]);
+                let intact = answer.get(name_end + 1..) == Some(&payload[..]);
+                println!("{name} {}", if intact { "ok" } else { "corrupt" });
+            }
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => println!("refused"),
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => println!("timeout"),
             Err(e) => println!("error {e}"),
