@@ -819,3 +819,51 @@ fn large_udp_requests(c: Cluster) {
         assert!(t.contains_key("web-a ok") && t.contains_key("web-c ok"), "{to}: both backends: {t:?}");
     }
 }
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn conntrack_should_drop_invalid_conntrack_entries() {
+    let c = cluster();
+    // The boom server on the other node (upstream's layout) and on the
+    // client's own node, each behind a ClusterIP.
+    for (name, ip, pod, node) in [
+        ("boom-remote", "10.96.0.81", "10.244.2.10", "node-2"),
+        ("boom-local", "10.96.0.82", "10.244.1.10", "node-1"),
+    ] {
+        c.write_manifest(
+            &format!("{name}.yaml"),
+            &one_port_service(name, ip, ("TCP", 9000, 9000), "", &[(pod, node)]),
+        )
+        .unwrap();
+    }
+    let client = &c.pod("client-pod").ns;
+    for (ip, server) in [("10.96.0.81:9000", "web-c"), ("10.96.0.82:9000", "web-a")] {
+        // Shift 1 first: the control, a stray segment from a port without a
+        // connection, which the client does answer with a RST (so the RST
+        // counting works); then the upstream case on the connection's port.
+        for (shift, expect_rst) in [("1", true), ("0", false)] {
+            let boom = Cluster::netcheck_spawn(&c.pod(server).ns, &["boom", "9000", "5", shift]).unwrap();
+            let mut streams = Vec::new();
+            let up = wait_for(Duration::from_secs(3), || {
+                Cluster::netcheck(client, &["stream", ip, "1"]).ok().filter(|l| l[0].starts_with("ok"))
+            });
+            assert!(up.is_some(), "{ip}: the boom server answers through its Service");
+            for _ in 0..2 {
+                streams.push(Cluster::netcheck(client, &["stream", ip, "1"]).unwrap().join(" "));
+            }
+            let out = boom.wait_with_output().unwrap();
+            let report = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            assert!(out.status.success(), "boom: {}", String::from_utf8_lossy(&out.stderr));
+            let counts: Vec<u32> =
+                report.split(' ').skip(1).step_by(2).filter_map(|n| n.parse().ok()).collect();
+            let [connections, bad, rst] = counts[..] else { panic!("boom printed {report:?}") };
+            assert!(connections >= 3 && bad == connections, "{ip}: a bad segment per connection: {report}");
+            if expect_rst {
+                assert!(rst >= bad, "{ip}: the control's stray segments were answered with RSTs: {report}");
+            } else {
+                assert_eq!(rst, 0, "{ip}: no RST for the out-of-window segments: {report}");
+                assert!(streams.iter().all(|s| s.starts_with("ok")), "{ip}: connections kept: {streams:?}");
+            }
+        }
+    }
+}

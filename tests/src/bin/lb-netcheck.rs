@@ -13,6 +13,14 @@
 //! - `stream ADDR:PORT SECONDS`: a long-lived TCP connection through the
 //!   echo server, checking every byte comes back; prints `ok <bytes>` or the
 //!   error and exits non-zero.
+//! - `boom PORT SECONDS SHIFT`: Kubernetes' INVALID-conntrack e2e server
+//!   (regression test for kubernetes#74839): a TCP echo server on PORT that
+//!   sends each new connection's client, from a raw socket, one segment far
+//!   outside the window, from its own port plus SHIFT (0: the connection's
+//!   port; 1: a port no connection has, the control), and counts the RSTs
+//!   coming back to that port. A proxy that passed the segment without its
+//!   reverse translation makes the client answer it with a RST, which kills
+//!   the real connection. Prints `connections C bad B rst R` at the end.
 //! - `http-close PORT`: the benchmark's server: answers every HTTP request
 //!   with a fixed 200 and closes the connection, on two threads.
 //! - `connect ADDR:PORT`: one TCP connect(): `ok`, `refused` or the error,
@@ -44,13 +52,14 @@ fn main() -> Result<()> {
         ["udp-large", to, bytes, count] => udp_large(to, bytes.parse()?, count.parse()?),
         ["stream", to, seconds] => stream(to, Duration::from_secs(seconds.parse()?)),
         ["http-close", port] => http_close(port.parse()?),
+        ["boom", port, seconds, shift] => boom(port.parse()?, seconds.parse()?, shift.parse()?),
         ["connect", to] => connect(to),
         ["udp-from", to, count] => udp_from(to, count.parse()?),
         ["udp-peer", to] => udp_peer(to),
         ["udp-hold", to, millis] => udp_hold(to, Duration::from_millis(millis.parse()?)),
         ["udp-loop", to, src, millis] => udp_loop(to, src.parse()?, Duration::from_millis(millis.parse()?)),
         _ => bail!(
-            "usage: lb-netcheck serve NAME | udp ADDR:PORT COUNT | udp-large ADDR:PORT BYTES COUNT | stream ADDR:PORT SECONDS | http-close PORT \
+            "usage: lb-netcheck serve NAME | udp ADDR:PORT COUNT | udp-large ADDR:PORT BYTES COUNT | stream ADDR:PORT SECONDS | http-close PORT | boom PORT SECONDS SHIFT \
              | connect ADDR:PORT | udp-from ADDR:PORT COUNT | udp-peer ADDR:PORT | udp-hold ADDR:PORT MILLIS \
              | udp-loop ADDR:PORT SRCPORT MILLIS"
         ),
@@ -183,6 +192,139 @@ fn http_close(port: u16) -> Result<()> {
     std::thread::spawn(move || serve(second));
     serve(listener);
     Ok(())
+}
+
+fn boom(port: u16, seconds: u64, shift: u16) -> Result<()> {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    };
+    let listener = TcpListener::bind(("0.0.0.0", port))?;
+    listener.set_nonblocking(true)?;
+    let from_port = port + shift;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let rsts = Arc::new(AtomicU32::new(0));
+    let counter = {
+        let rsts = rsts.clone();
+        let watch = RawTcp::open()?;
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while Instant::now() < deadline {
+                let Some(n) = watch.recv(&mut buf) else { continue };
+                let Ok((_, rest)) = etherparse::Ipv4Header::from_slice(&buf[..n]) else { continue };
+                let Ok((tcp, _)) = etherparse::TcpHeader::from_slice(rest) else { continue };
+                if tcp.rst && tcp.destination_port == from_port {
+                    rsts.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let send = RawTcp::open()?;
+    let (mut connections, mut bad) = (0u32, 0u32);
+    while Instant::now() < deadline {
+        let conn = match listener.accept() {
+            Ok((conn, _)) => conn,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        connections += 1;
+        conn.set_nonblocking(false)?;
+        let (std::net::SocketAddr::V4(local), std::net::SocketAddr::V4(peer)) =
+            (conn.local_addr()?, conn.peer_addr()?)
+        else {
+            bail!("IPv4 only");
+        };
+        let echo = conn.try_clone()?;
+        std::thread::spawn(move || {
+            let (mut rx, mut tx) = (echo.try_clone().expect("clone"), echo);
+            let mut buf = [0u8; 16 * 1024];
+            while let Ok(n) = rx.read(&mut buf) {
+                if n == 0 || tx.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        // Let the connection carry data first, as a long-lived one does.
+        std::thread::sleep(Duration::from_millis(200));
+        let mut tcp = etherparse::TcpHeader::new(from_port, peer.port(), 0x8000_0000, 64_240);
+        tcp.ack = true;
+        tcp.psh = true;
+        tcp.acknowledgment_number = 0x4000_0000;
+        let payload = b"boom";
+        tcp.checksum = tcp.calc_checksum_ipv4_raw(local.ip().octets(), peer.ip().octets(), payload)?;
+        let mut segment = tcp.to_bytes().to_vec();
+        segment.extend_from_slice(payload);
+        send.send_to(&segment, *peer.ip())?;
+        bad += 1;
+        drop(conn);
+    }
+    counter.join().ok();
+    println!("connections {connections} bad {bad} rst {}", rsts.load(Ordering::Relaxed));
+    Ok(())
+}
+
+/// A raw IPv4 TCP socket: sends segments whose TCP header we wrote, and
+/// receives a copy of every TCP packet for this host.
+struct RawTcp(std::os::fd::OwnedFd);
+
+impl RawTcp {
+    fn open() -> Result<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket calls; the fd is owned from here on.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP) };
+        if fd < 0 {
+            bail!("raw socket: {}", std::io::Error::last_os_error());
+        }
+        let sock = Self(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        let timeout = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
+        // SAFETY: a valid option of the right size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &timeout as *const _ as *const libc::c_void,
+                size_of::<libc::timeval>() as u32,
+            )
+        };
+        Ok(sock)
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> Option<usize> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the buffer is ours and as long as said.
+        let n =
+            unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+        (n > 0).then_some(n as usize)
+    }
+
+    fn send_to(&self, segment: &[u8], to: std::net::Ipv4Addr) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(to.octets()) },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: the segment and the address are ours, sizes as given.
+        let n = unsafe {
+            libc::sendto(
+                self.0.as_raw_fd(),
+                segment.as_ptr() as *const libc::c_void,
+                segment.len(),
+                0,
+                &addr as *const _ as *const libc::sockaddr,
+                size_of::<libc::sockaddr_in>() as u32,
+            )
+        };
+        if n < 0 {
+            bail!("raw send: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }
 
 fn connect(to: &str) -> Result<()> {
