@@ -613,6 +613,10 @@ pub mod config_flags {
     /// redirecting it at TC (for hosts whose firewall or NetworkPolicy
     /// lives in netfilter and must see service traffic).
     pub const VIA_STACK: u32 = 1 << 0;
+    /// Some endpoint is one of this node's own addresses (a hostNetwork
+    /// server): its replies leave the host stack through egress, where
+    /// `lb_tc_egress` looks for them only while this is set.
+    pub const HOST_ENDPOINTS: u32 = 1 << 1;
 }
 
 pub const DEFAULT_NAT_PORT_MIN: u16 = 61_000;

@@ -88,6 +88,23 @@ fn translate(pkt: &Packet, nat: Nat, frontend_id: u32) -> Verdict {
     Verdict::Translate(nat)
 }
 
+/// A packet the host stack sends from one of the node's addresses: the
+/// reply of an endpoint there (a hostNetwork server) is translated back,
+/// like a pod's at `lb_tc_pod`; anything else is the host's own traffic.
+#[inline(always)]
+pub fn host_reply(pkt: &Packet) -> Verdict {
+    if !maps::is_node_addr(&pkt.key.saddr) {
+        return Verdict::Pass;
+    }
+    match conntrack::lookup(&pkt.key, pkt.tcp_flags, conntrack::now()) {
+        Some(entry) if entry.is_reply() => {
+            count_packet(entry.frontend_id, pkt.ip_len as u32, false);
+            translate(pkt, entry.nat(), entry.frontend_id)
+        }
+        _ => Verdict::Pass,
+    }
+}
+
 // Its own BPF function: a stack frame apart from the established-flow path
 // (and at most five arguments, the verdict's pointer included).
 #[inline(never)]

@@ -8,13 +8,13 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
-use lb_common::{Drop, Nat};
+use lb_common::{Drop, Nat, config_flags};
 
 use crate::{
     flow::{self, Verdict},
     frag, fwd,
     lb::Origin,
-    maps::{count_drop, count_packet},
+    maps::{self, count_drop, count_packet},
     nat,
     parse::{self, Fragment, Packet},
     reject,
@@ -91,6 +91,37 @@ pub fn run<H: Hook>(ctx: &H, origin: Origin) -> H::Action {
             }
         },
         Verdict::Translate(nat) => carry_out(ctx, &pkt, &nat, ctx.rewrite(&pkt, &nat)),
+    }
+}
+
+/// Egress: replies of endpoints on the node's own addresses, rewritten and
+/// sent on out of this interface (the stack chose it: nothing to forward).
+#[inline(always)]
+pub fn run_host_replies<H: Hook>(ctx: &H) -> H::Action {
+    if maps::config().is_none_or(|c| c.flags & config_flags::HOST_ENDPOINTS == 0) {
+        return H::PASS;
+    }
+    let Some(pkt) = ctx.packet() else {
+        return H::PASS;
+    };
+    let rewritten = match pkt.fragment {
+        Fragment::Later => match frag::translation(&pkt) {
+            Some(first) => {
+                count_packet(first.frontend_id, pkt.ip_len as u32, false);
+                ctx.rewrite_fragment(&pkt, &first.nat())
+            }
+            None => return H::PASS,
+        },
+        _ => match flow::host_reply(&pkt) {
+            Verdict::Translate(nat) => ctx.rewrite(&pkt, &nat),
+            _ => return H::PASS,
+        },
+    };
+    if rewritten {
+        H::PASS
+    } else {
+        count_drop(Drop::RewriteFailed);
+        H::DROP
     }
 }
 

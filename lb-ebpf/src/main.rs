@@ -6,6 +6,9 @@
 //! - `lb_xdp`: the same at XDP, where a NIC gives complete frames.
 //! - `lb_tc_pod`: TC ingress on the host side of pod interfaces, i.e. packets
 //!   leaving pods (east-west, and replies of local backends).
+//! - `lb_tc_egress`: TC egress of both kinds of interface: replies of
+//!   endpoints on the node's own addresses (hostNetwork servers), which the
+//!   host stack sends without passing an ingress hook.
 //! - `lb_sock_*`: cgroup socket hooks for the node's own clients (and pods'
 //!   with `--socket-lb all`): `sock` translates at connect()/sendmsg() and
 //!   restores the service address at recvmsg()/getpeername().
@@ -65,6 +68,11 @@ pub fn lb_tc_ext(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn lb_tc_pod(ctx: TcContext) -> i32 {
     hook::run(&ctx, Origin::Pod)
+}
+
+#[classifier]
+pub fn lb_tc_egress(ctx: TcContext) -> i32 {
+    hook::run_host_replies(&ctx)
 }
 
 #[cgroup_sock_addr(connect4)]

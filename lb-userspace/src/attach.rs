@@ -22,7 +22,7 @@ use aya::{
 };
 use tracing::{debug, info, warn};
 
-use crate::loader::{SOCK_PROGRAMS, TC_EXT_PROGRAM, TC_POD_PROGRAM, XDP_PROGRAM};
+use crate::loader::{SOCK_PROGRAMS, TC_EGRESS_PROGRAM, TC_EXT_PROGRAM, TC_POD_PROGRAM, XDP_PROGRAM};
 
 pub fn links_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join("links")
@@ -36,7 +36,7 @@ pub fn link_pin(pin_dir: &Path, program: &str, ifname: &str) -> PathBuf {
 pub fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
     let xdp: &mut Xdp = ebpf.program_mut(XDP_PROGRAM).context("no XDP program")?.try_into()?;
     xdp.load().context("loading the XDP program")?;
-    for name in [TC_EXT_PROGRAM, TC_POD_PROGRAM] {
+    for name in [TC_EXT_PROGRAM, TC_POD_PROGRAM, TC_EGRESS_PROGRAM] {
         let tc: &mut SchedClassifier = ebpf.program_mut(name).context("no TC program")?.try_into()?;
         tc.load().with_context(|| format!("loading {name}"))?;
     }
@@ -160,7 +160,7 @@ fn device_driver(ifname: &str) -> Option<String> {
 /// Attaches the north-south program to `ifname` as `accel` asks, then
 /// removes the other hook's link, if an earlier run left one: attached in
 /// that order, both hooks share the conntrack table and established flows
-/// carry on through the switch.
+/// carry on through the switch. The egress program goes on either way.
 pub fn attach_external(
     ebpf: &mut Ebpf,
     pin_dir: &Path,
@@ -169,9 +169,10 @@ pub fn attach_external(
     accel: Acceleration,
 ) -> Result<External> {
     accept_local(procfs, ifname)?;
+    attach_tc(ebpf, pin_dir, TC_EGRESS_PROGRAM, ifname, TcAttachType::Egress)?;
     let (hook, reason) = match accel {
         Acceleration::Tc => {
-            attach_tc(ebpf, pin_dir, TC_EXT_PROGRAM, ifname)?;
+            attach_tc(ebpf, pin_dir, TC_EXT_PROGRAM, ifname, TcAttachType::Ingress)?;
             (Hook::Tc, "forced by --acceleration tc".to_string())
         }
         Acceleration::Xdp => {
@@ -180,7 +181,7 @@ pub fn attach_external(
         }
         Acceleration::Auto => match device_driver(ifname) {
             None => {
-                attach_tc(ebpf, pin_dir, TC_EXT_PROGRAM, ifname)?;
+                attach_tc(ebpf, pin_dir, TC_EXT_PROGRAM, ifname, TcAttachType::Ingress)?;
                 let reason = "a virtual interface: local senders leave checksums partial, which XDP cannot see, \
                               and XDP_TX into a veth is lost unless its peer runs XDP";
                 (Hook::Tc, reason.to_string())
@@ -188,7 +189,7 @@ pub fn attach_external(
             Some(driver) => match attach_xdp(ebpf, pin_dir, ifname, XdpMode::Driver) {
                 Ok(()) => (Hook::Xdp, format!("native XDP in driver {driver}")),
                 Err(e) => {
-                    attach_tc(ebpf, pin_dir, TC_EXT_PROGRAM, ifname)?;
+                    attach_tc(ebpf, pin_dir, TC_EXT_PROGRAM, ifname, TcAttachType::Ingress)?;
                     (Hook::Tc, format!("driver {driver} does not run XDP natively here: {e:#}"))
                 }
             },
@@ -217,14 +218,16 @@ fn attach_xdp(ebpf: &mut Ebpf, pin_dir: &Path, ifname: &str, mode: XdpMode) -> R
     )
 }
 
-/// Attaches (or re-attaches) the pod program at ingress of `ifname`.
+/// Attaches (or re-attaches) the pod program at ingress of `ifname`, and
+/// the egress program.
 pub fn attach_pod(ebpf: &mut Ebpf, pin_dir: &Path, procfs: &Path, ifname: &str) -> Result<()> {
     accept_local(procfs, ifname)?;
-    attach_tc(ebpf, pin_dir, TC_POD_PROGRAM, ifname)
+    attach_tc(ebpf, pin_dir, TC_POD_PROGRAM, ifname, TcAttachType::Ingress)?;
+    attach_tc(ebpf, pin_dir, TC_EGRESS_PROGRAM, ifname, TcAttachType::Egress)
 }
 
-/// Attaches (or re-attaches) TC program `program` at ingress of `ifname`.
-fn attach_tc(ebpf: &mut Ebpf, pin_dir: &Path, program: &str, ifname: &str) -> Result<()> {
+/// Attaches (or re-attaches) TC program `program` on `ifname`.
+fn attach_tc(ebpf: &mut Ebpf, pin_dir: &Path, program: &str, ifname: &str, at: TcAttachType) -> Result<()> {
     let prog: &mut SchedClassifier = ebpf.program_mut(program).context("no TC program")?.try_into()?;
     pinned_link(
         prog,
@@ -232,7 +235,7 @@ fn attach_tc(ebpf: &mut Ebpf, pin_dir: &Path, program: &str, ifname: &str) -> Re
         ifname,
         |prog, old| Ok(prog.attach_to_link(old.try_into()?).map(drop)?),
         |prog, name| {
-            let id = prog.attach(name, TcAttachType::Ingress)?;
+            let id = prog.attach(name, at)?;
             Ok(prog.take_link(id)?.try_into()?)
         },
     )
@@ -280,12 +283,14 @@ pub fn matching(all: &BTreeMap<String, u32>, patterns: &[glob::Pattern]) -> BTre
     all.iter().filter(|(n, _)| patterns.iter().any(|p| p.matches(n))).map(|(n, i)| (n.clone(), *i)).collect()
 }
 
-/// Removes the pin of the pod link on `ifname`: the interface is gone (the
-/// kernel already detached it), or it is a new interface under an old name.
+/// Removes the pins of the pod links on `ifname`: the interface is gone
+/// (the kernel already detached them), or it is a new interface under an
+/// old name.
 pub fn forget_pod(pin_dir: &Path, ifname: &str) {
-    let pin = link_pin(pin_dir, TC_POD_PROGRAM, ifname);
-    if fs::remove_file(&pin).is_ok() {
-        debug!(interface = ifname, "forgot the TC link of a gone interface");
+    for program in [TC_POD_PROGRAM, TC_EGRESS_PROGRAM] {
+        if fs::remove_file(link_pin(pin_dir, program, ifname)).is_ok() {
+            debug!(interface = ifname, program, "forgot the TC link of a gone interface");
+        }
     }
 }
 
@@ -294,7 +299,10 @@ pub fn forget_gone(pin_dir: &Path, present: &BTreeMap<String, u32>) {
     let Ok(entries) = fs::read_dir(links_dir(pin_dir)) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(ifname) = name.strip_prefix(&format!("{TC_POD_PROGRAM}@"))
+        let ifname = [TC_POD_PROGRAM, TC_EGRESS_PROGRAM]
+            .iter()
+            .find_map(|program| name.strip_prefix(&format!("{program}@")));
+        if let Some(ifname) = ifname
             && !present.contains_key(ifname)
         {
             forget_pod(pin_dir, ifname);

@@ -322,6 +322,7 @@ pub fn interfaces(pin_dir: &std::path::Path) -> Result<Vec<InterfaceRow>> {
             p if p == crate::loader::XDP_PROGRAM => "xdp",
             p if p == crate::loader::TC_EXT_PROGRAM => "tc",
             p if p == crate::loader::TC_POD_PROGRAM => "pod",
+            p if p == crate::loader::TC_EGRESS_PROGRAM => "egress",
             p if crate::loader::SOCK_PROGRAMS.contains(&p) => "socket",
             _ => "?",
         };

@@ -20,6 +20,8 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 pub const XDP_PROGRAM: &str = "lb_xdp";
 pub const TC_EXT_PROGRAM: &str = "lb_tc_ext";
 pub const TC_POD_PROGRAM: &str = "lb_tc_pod";
+/// At egress of both kinds of interface: replies of hostNetwork endpoints.
+pub const TC_EGRESS_PROGRAM: &str = "lb_tc_egress";
 /// The cgroup socket hooks, each with the attach type it is built for
 /// (the `6` ones serve IPv4-mapped peers of dual-stack sockets).
 pub const SOCK_PROGRAMS: [&str; 8] = [

@@ -21,7 +21,7 @@ use aya::{
 use lb_common::{FrontendKind, L4, Scope};
 use lb_userspace::{
     frontend::Frontend,
-    loader::{self, Capacities, TC_EXT_PROGRAM, TC_POD_PROGRAM, XDP_PROGRAM},
+    loader::{self, Capacities, TC_EGRESS_PROGRAM, TC_EXT_PROGRAM, TC_POD_PROGRAM, XDP_PROGRAM},
     maps::Maps,
     model::{Desired, DesiredBackend, DesiredFrontend},
     reconciler::{self, NodeSettings, Reconciler, keys},
@@ -178,6 +178,13 @@ impl Bed {
     /// The pod program (TC at the host side of a pod's interface).
     pub fn tc(&self, frame: &[u8]) -> Result<Run> {
         let p: &SchedClassifier = self.ebpf.program(TC_POD_PROGRAM).context("tc")?.try_into()?;
+        run(p, frame)
+    }
+
+    /// The egress program (pod and external interfaces), on a frame the
+    /// host stack sends.
+    pub fn tc_egress(&self, frame: &[u8]) -> Result<Run> {
+        let p: &SchedClassifier = self.ebpf.program(TC_EGRESS_PROGRAM).context("tc egress")?.try_into()?;
         run(p, frame)
     }
 

@@ -525,6 +525,37 @@ fn a_datagram_in_fragments_is_translated_whole_both_ways() {
 
 #[test]
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn replies_of_an_endpoint_on_the_nodes_own_address_are_translated_at_egress() {
+    let mut bed = bed();
+    let host_reply = tcp((NODE_ADDR, 8080), (POD_CLIENT, 40000), "SA", b"");
+    // No endpoint on the node's address: egress leaves everything alone.
+    bed.service(frontend(CLUSTER_IP, 80, L4::Tcp), FrontendKind::ClusterIp, &[Be::local(LOCAL_POD, 8080)])
+        .unwrap();
+    let out = bed.tc_egress(&host_reply).unwrap();
+    assert_eq!((out.action, &out.frame), (TC_ACT_OK, &host_reply));
+
+    // A hostNetwork endpoint: the node's own address.
+    bed.service(frontend(CLUSTER_IP, 80, L4::Tcp), FrontendKind::ClusterIp, &[Be::local(NODE_ADDR, 8080)])
+        .unwrap();
+    let out = bed.tc(&tcp((POD_CLIENT, 40000), (CLUSTER_IP, 80), "S", b"")).unwrap();
+    assert_eq!((out.action, parse_checked(&out.frame).dst), (TC_ACT_OK, (NODE_ADDR, 8080)));
+    // Its reply leaves the host stack toward the pod: through egress only.
+    let out = bed.tc_egress(&host_reply).unwrap();
+    assert_eq!(out.action, TC_ACT_OK);
+    let seen = parse_checked(&out.frame);
+    assert_eq!((seen.src, seen.dst), ((CLUSTER_IP, 80), (POD_CLIENT, 40000)));
+    // The host's own traffic, and a pod's forwarded packet, are not touched.
+    for frame in [
+        tcp((NODE_ADDR, 22), (POD_CLIENT, 40000), "A", b""),
+        tcp((LOCAL_POD, 8080), (POD_CLIENT, 40000), "A", b""),
+    ] {
+        let out = bed.tc_egress(&frame).unwrap();
+        assert_eq!((out.action, &out.frame), (TC_ACT_OK, &frame));
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn non_service_and_malformed_traffic_is_passed_untouched() {
     let mut bed = bed();
     bed.service(frontend(CLUSTER_IP, 80, L4::Tcp), FrontendKind::ClusterIp, &[Be::local(LOCAL_POD, 8080)])

@@ -867,3 +867,80 @@ fn conntrack_should_drop_invalid_conntrack_entries() {
         }
     }
 }
+
+/// hostNetwork servers: `lb-netcheck serve` in each node's own namespace
+/// (and cgroup, which ends them with the cluster), answering
+/// `node-1-host` / `node-2-host`, behind Service `name` (TCP 80 → 8080,
+/// `extra` spec lines).
+fn host_network_endpoints(c: &Cluster, name: &str, cluster_ip: &str, extra: &str) -> String {
+    for node in 0..2 {
+        let who = format!("node-{}-host", node + 1);
+        Cluster::netcheck_spawn(&c.host(node), &["serve", &who]).unwrap();
+    }
+    service(name, cluster_ip, "TCP", 80, extra, &[(NODE_ADDRS[0], "node-1"), (NODE_ADDRS[1], "node-2")])
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn granular_checks_services_should_function_for_service_endpoints_using_host_network() {
+    let c = cluster();
+    let yaml = host_network_endpoints(&c, "hostnet", "10.96.0.83", "  type: NodePort\n");
+    let yaml = yaml.replace("      targetPort: 8080\n", "      targetPort: 8080\n      nodePort: 30583\n");
+    c.write_manifest("hostnet.yaml", &yaml).unwrap();
+    let yaml = service(
+        "hostnet-udp",
+        "10.96.0.84",
+        "UDP",
+        53,
+        "",
+        &[(NODE_ADDRS[0], "node-1"), (NODE_ADDRS[1], "node-2")],
+    );
+    c.write_manifest("hostnet-udp.yaml", &yaml).unwrap();
+    let both = |a: &[String]| {
+        let t = tally(a);
+        t.keys().all(|k| k == "node-1-host" || k == "node-2-host") && t.len() == 2
+    };
+    let node_port = 30583;
+    // Pods (the endpoint on their own node answers through the egress
+    // program), the nodes themselves, and outside through either node.
+    let pod = &c.pod("client-pod").ns;
+    let far_pod = &c.pod("legacy-x").ns;
+    for (who, from) in [("pod on node-1", pod), ("pod on node-2", far_pod)] {
+        let answers = http_until(from, "http://10.96.0.83/", who, |a| both(a)).unwrap();
+        assert!(both(&answers), "{who}: {:?}", tally(&answers));
+        let many = Cluster::http(from, "http://10.96.0.83/", 30).unwrap();
+        assert!(both(&many), "{who}: 30 requests, both endpoints, nothing else: {:?}", tally(&many));
+        let udp = Cluster::udp(from, "10.96.0.84:53", 20).unwrap();
+        let hosts =
+            udp.iter().filter(|a| a.starts_with("node-1-host:") || a.starts_with("node-2-host:")).count();
+        assert_eq!(hosts, 20, "{who}: UDP through hostNetwork endpoints: {:?}", tally(&udp));
+    }
+    for node in 0..2 {
+        let host = c.host(node);
+        let answers = Cluster::http(&host, "http://10.96.0.83/", 30).unwrap();
+        assert!(both(&answers), "node-{}: {:?}", node + 1, tally(&answers));
+    }
+    for addr in NODE_ADDRS {
+        let url = format!("http://{addr}:{node_port}/");
+        let answers = Cluster::http(&c.client, &url, 30).unwrap();
+        assert!(both(&answers), "outside through {addr}: {:?}", tally(&answers));
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn services_should_respect_internal_traffic_policy_local_pod_and_node_to_pod_host_network() {
+    let c = cluster();
+    let yaml = host_network_endpoints(&c, "itp-host", "10.96.0.85", "  internalTrafficPolicy: Local\n");
+    c.write_manifest("itp-host.yaml", &yaml).unwrap();
+    // Each node's clients, pods and the node itself, reach only the
+    // endpoint on their own node.
+    let node_1 = |a: &[String]| a.iter().all(|x| x == "node-1-host");
+    let node_2 = |a: &[String]| a.iter().all(|x| x == "node-2-host");
+    eventually(&c.pod("client-pod").ns, "http://10.96.0.85/", "pod on node-1", node_1);
+    eventually(&c.pod("legacy-x").ns, "http://10.96.0.85/", "pod on node-2", node_2);
+    let from_host_1 = Cluster::http(&c.host(0), "http://10.96.0.85/", 20).unwrap();
+    assert!(node_1(&from_host_1), "node-1 itself: {:?}", tally(&from_host_1));
+    let from_host_2 = Cluster::http(&c.host(1), "http://10.96.0.85/", 20).unwrap();
+    assert!(node_2(&from_host_2), "node-2 itself: {:?}", tally(&from_host_2));
+}

@@ -91,6 +91,11 @@ pub struct Reconciler {
     /// A frontend came, went or changed kind since `cluster_ips` was
     /// derived: only then does a plan walk the frontends for it.
     cluster_ips_stale: bool,
+    /// Some backend is one of this node's own addresses (a hostNetwork
+    /// endpoint; `config_flags::HOST_ENDPOINTS`), and whether that must be
+    /// derived again (after adoption).
+    host_endpoints: bool,
+    host_endpoints_stale: bool,
     service_cidrs: BTreeSet<Ipv4Net>,
     config: Option<Config>,
     next_backend_id: u32,
@@ -293,13 +298,11 @@ impl Reconciler {
     /// The operations that turn the programmed state into `desired`.
     pub fn plan(&mut self, desired: &Desired, node: &NodeSettings) -> Result<Vec<Op>> {
         let mut ops = Vec::new();
-        let config = node.config()?;
-        if self.config != Some(config) {
-            ops.push(Op::PutConfig(config));
-            self.config = Some(config);
-        }
+        // (Written at the end, with what the plan finds; checked first.)
+        let mut config = node.config()?;
         let addresses: BTreeSet<[u8; 4]> =
             node.addresses.iter().map(|a| keys::ipv4(*a)).collect::<Result<_, _>>()?;
+        let addresses_changed = addresses != self.node_addrs;
         for addr in addresses.difference(&self.node_addrs) {
             ops.push(Op::PutNodeAddr(*addr));
         }
@@ -441,6 +444,27 @@ impl Reconciler {
         }
         ops.extend(self.service_cidrs.difference(&service_cidrs).copied().map(Op::DelServiceCidr));
         self.service_cidrs = service_cidrs;
+
+        let backends_changed = ops.iter().any(|op| matches!(op, Op::PutBackend(..) | Op::DelBackend(..)));
+        if std::mem::take(&mut self.host_endpoints_stale) || backends_changed || addresses_changed {
+            let on_node = |b: &BackendAddr| keys::ipv4(b.ip).is_ok_and(|a| self.node_addrs.contains(&a));
+            self.host_endpoints = self.backends.keys().any(on_node);
+        }
+        if self.host_endpoints {
+            config.flags |= config_flags::HOST_ENDPOINTS;
+        }
+        if self.config != Some(config) {
+            // First, so that the SNAT address and the egress program's
+            // switch are there before the flows that need them; but the
+            // switch goes off only once the last host endpoint has gone.
+            let was_on = self.config.is_some_and(|c| c.flags & config_flags::HOST_ENDPOINTS != 0);
+            if was_on && !self.host_endpoints {
+                ops.push(Op::PutConfig(config));
+            } else {
+                ops.insert(0, Op::PutConfig(config));
+            }
+            self.config = Some(config);
+        }
         Ok(ops)
     }
 
@@ -615,6 +639,7 @@ impl Reconciler {
         r.node_addrs = maps.node_addrs.clone();
         r.cluster_ips = maps.cluster_ips.clone();
         r.cluster_ips_stale = true;
+        r.host_endpoints_stale = true;
         r.service_cidrs = maps.service_cidrs.clone();
         r.config = maps.config.filter(|c| *c != Config::default());
         Ok(r)

@@ -78,6 +78,35 @@ fn one_endpoint_change_is_a_handful_of_writes() {
 }
 
 #[test]
+fn the_egress_switch_is_on_before_a_host_endpoint_and_off_after_it() {
+    let host = |on: bool| {
+        let mut d = desired(&[1]);
+        if on {
+            let mut fe = frontend("default/web", &[1]);
+            fe.backends.push(DesiredBackend { addr: IpAddr::from([192, 0, 2, 11]), port: 8080, local: true });
+            d.frontends.insert(web(), Arc::new(fe));
+        }
+        d
+    };
+    let flag = |op: &Op| matches!(op, Op::PutConfig(c) if c.flags & config_flags::HOST_ENDPOINTS != 0);
+    let mut r = Reconciler::new();
+    let ops = r.plan(&host(false), &node()).unwrap();
+    assert!(!ops.iter().any(flag), "no host endpoint yet: {ops:#?}");
+    let ops = r.plan(&host(true), &node()).unwrap();
+    assert!(flag(&ops[0]), "on first: {ops:#?}");
+    let ops = r.plan(&host(false), &node()).unwrap();
+    let off = position(&ops, |o| matches!(o, Op::PutConfig(..)));
+    assert_eq!(off, ops.len() - 1, "off last: {ops:#?}");
+    assert!(!flag(&ops[off]));
+    // A node address that goes makes its endpoint an ordinary one.
+    r.plan(&host(true), &node()).unwrap();
+    let mut moved = node();
+    moved.addresses = [IpAddr::from([192, 0, 2, 99])].into();
+    let ops = r.plan(&host(true), &moved).unwrap();
+    assert!(ops.iter().any(|o| matches!(o, Op::PutConfig(c) if c.flags & config_flags::HOST_ENDPOINTS == 0)));
+}
+
+#[test]
 fn removed_service_is_deleted_frontend_first_and_its_id_reused() {
     let mut r = Reconciler::new();
     let ops = r.plan(&desired(&[1, 2]), &node()).unwrap();
