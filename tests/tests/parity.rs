@@ -868,23 +868,37 @@ fn conntrack_should_drop_invalid_conntrack_entries() {
     }
 }
 
-/// hostNetwork servers: `lb-netcheck serve` in each node's own namespace
-/// (and cgroup, which ends them with the cluster), answering
-/// `node-1-host` / `node-2-host`, behind Service `name` (TCP 80 → 8080,
-/// `extra` spec lines).
-fn host_network_endpoints(c: &Cluster, name: &str, cluster_ip: &str, extra: &str) -> String {
-    for node in 0..2 {
-        let who = format!("node-{}-host", node + 1);
-        Cluster::netcheck_spawn(&c.host(node), &["serve", &who]).unwrap();
+/// Processes that end with the test, failed or not.
+struct Background(Vec<std::process::Child>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
-    service(name, cluster_ip, "TCP", 80, extra, &[(NODE_ADDRS[0], "node-1"), (NODE_ADDRS[1], "node-2")])
+}
+
+/// hostNetwork servers: `lb-netcheck serve` in each node's own namespace,
+/// answering `node-1-host` / `node-2-host`; and Service `name` (TCP 80 →
+/// 8080, `extra` spec lines) to them.
+fn host_network_endpoints(c: &Cluster, name: &str, cluster_ip: &str, extra: &str) -> (Background, String) {
+    let servers = (0..2)
+        .map(|node| {
+            Cluster::netcheck_spawn(&c.host(node), &["serve", &format!("node-{}-host", node + 1)]).unwrap()
+        })
+        .collect();
+    let yaml =
+        service(name, cluster_ip, "TCP", 80, extra, &[(NODE_ADDRS[0], "node-1"), (NODE_ADDRS[1], "node-2")]);
+    (Background(servers), yaml)
 }
 
 #[test]
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn granular_checks_services_should_function_for_service_endpoints_using_host_network() {
     let c = cluster();
-    let yaml = host_network_endpoints(&c, "hostnet", "10.96.0.83", "  type: NodePort\n");
+    let (_servers, yaml) = host_network_endpoints(&c, "hostnet", "10.96.0.83", "  type: NodePort\n");
     let yaml = yaml.replace("      targetPort: 8080\n", "      targetPort: 8080\n      nodePort: 30583\n");
     c.write_manifest("hostnet.yaml", &yaml).unwrap();
     let yaml = service(
@@ -931,7 +945,8 @@ fn granular_checks_services_should_function_for_service_endpoints_using_host_net
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn services_should_respect_internal_traffic_policy_local_pod_and_node_to_pod_host_network() {
     let c = cluster();
-    let yaml = host_network_endpoints(&c, "itp-host", "10.96.0.85", "  internalTrafficPolicy: Local\n");
+    let (_servers, yaml) =
+        host_network_endpoints(&c, "itp-host", "10.96.0.85", "  internalTrafficPolicy: Local\n");
     c.write_manifest("itp-host.yaml", &yaml).unwrap();
     // Each node's clients, pods and the node itself, reach only the
     // endpoint on their own node.
