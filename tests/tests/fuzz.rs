@@ -216,6 +216,9 @@ fn check(input: &[u8], out: &Run, targets: &[Target], tc: bool) -> Result<(), St
         (u16::from_be_bytes([f[l4], f[l4 + 1]]), u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]))
     };
     let (l3, ihl) = layout(input).ok_or("no layout")?;
+    if hin.fragment_offset.value() != 0 {
+        return later_fragment(input, out, targets, (&hin, &hout), l3 + ihl);
+    }
     let (_, dport_in) = ports(input, l3 + ihl);
     let (sport_out, dport_out) = ports(&out.frame, l3 + ihl);
     let target = targets
@@ -262,6 +265,38 @@ fn check(input: &[u8], out: &Run, targets: &[Target], tc: bool) -> Result<(), St
         (Some((true, true)), got) => Err(format!("checksums broken by the rewrite: {got:?}")),
         _ => Ok(()),
     }
+}
+
+/// A later fragment has no ports: only its addresses may change, to what
+/// a first fragment of its datagram got (a backend of a frontend at its
+/// destination; the node's address as source), and its bytes past the IP
+/// header stay as they were.
+fn later_fragment(
+    input: &[u8],
+    out: &Run,
+    targets: &[Target],
+    (hin, hout): (&etherparse::Ipv4Header, &etherparse::Ipv4Header),
+    l4: usize,
+) -> Result<(), String> {
+    if input.len() != out.frame.len() || input[l4..] != out.frame[l4..] {
+        return Err("a later fragment's payload changed".into());
+    }
+    let to_backend = targets.iter().any(|t| {
+        t.dst.0 == hin.destination
+            && t.l4.proto() == hin.protocol.0
+            && t.backends.iter().any(|b| b.0 == hout.destination)
+    });
+    if !to_backend {
+        return Err(format!("a later fragment sent to {:?}", Ipv4Addr::from(hout.destination)));
+    }
+    if hout.source != hin.source && hout.source != NODE_ADDR {
+        return Err(format!("a later fragment from {:?}", Ipv4Addr::from(hout.source)));
+    }
+    let valid = |h: &etherparse::Ipv4Header| h.header_checksum == h.calc_header_checksum();
+    if valid(hin) && !valid(hout) {
+        return Err("a later fragment's IP checksum broken".into());
+    }
+    Ok(())
 }
 
 /// Whether the program sent the frame on itself (XDP_TX, a redirect),
