@@ -91,7 +91,9 @@ impl L4 {
             Self::Tcp => 86_400 * SEC,
             Self::Udp => 60 * SEC,
             // As netfilter's SCTP established timeout (5 days) is too long
-            // for a table without a state machine, take TCP's.
+            // for a table without a state machine, take TCP's; an ABORT or
+            // SHUTDOWN COMPLETE ends it as a RST does.
+            Self::Sctp if closing => 10 * SEC,
             Self::Sctp => 86_400 * SEC,
         }
     }

@@ -5,6 +5,7 @@
 //! the same code is unit-tested on the host.
 #![no_std]
 
+pub mod crc32c;
 pub mod csum;
 pub mod floor;
 pub mod icmp;

@@ -55,11 +55,11 @@ pub fn process(pkt: &Packet, origin: Origin, redirects: bool) -> Verdict {
     if let Some(entry) = conntrack::lookup(&pkt.key, pkt.tcp_flags, now) {
         // Replies are always translated back. A request keeps its backend
         // while the backend is one of its frontend's endpoints, and a TCP
-        // connection even after it left (kube-proxy leaves TCP's conntrack
-        // alone and flushes UDP's): a terminating pod may still serve it,
-        // and new connections avoid it anyway. Other flows move to a live
+        // connection (or SCTP association) even after it left (kube-proxy
+        // flushes only UDP's conntrack): a terminating pod may still serve
+        // it, and new connections avoid it anyway. UDP flows move to a live
         // backend at once.
-        if entry.is_reply() || pkt.proto == L4::Tcp || maps::is_endpoint(entry.frontend_id, entry.backend_id)
+        if entry.is_reply() || pkt.proto != L4::Udp || maps::is_endpoint(entry.frontend_id, entry.backend_id)
         {
             count_packet(entry.frontend_id, pkt.ip_len as u32, false);
             return translate(pkt, entry.nat(), entry.frontend_id);

@@ -4,15 +4,16 @@
 //! writes the bytes directly and updates checksums incrementally (RFC 1624,
 //! `lb_common::csum`). TC sees socket buffers whose L4 checksum may still be
 //! partial (offloaded), so it uses the kernel's csum helpers, which handle
-//! both cases. A later fragment has no transport header: only its
+//! both cases. SCTP's CRC32c leaves out the addresses and is patched for
+//! the ports (`lb_common::crc32c`). A later fragment has no transport header: only its
 //! addresses (and the IP checksum) change; the datagram's transport
 //! checksum, in the first fragment, was updated there.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     programs::TcContext,
 };
-use lb_common::{Nat, csum, ct_flags};
+use lb_common::{L4, Nat, crc32c, csum, ct_flags};
 use network_types::ip::Ipv4Hdr;
 
 use crate::parse::{Packet, ptr_at};
@@ -20,9 +21,40 @@ use crate::parse::{Packet, ptr_at};
 const IP_CHECK_OFF: usize = 10;
 const IP_SADDR_OFF: usize = 12;
 const IP_DADDR_OFF: usize = 16;
+const SCTP_CRC_OFF: usize = 8;
 
-/// Where the transport checksum is; none for a protocol whose checksum
-/// cannot be updated incrementally (never parsed, so never rewritten).
+/// The SCTP packet's length, which its CRC runs over.
+#[inline(always)]
+fn sctp_len(pkt: &Packet) -> u16 {
+    pkt.ip_len - (pkt.l4() - pkt.l3()) as u16
+}
+
+/// `ports` (source, destination, as in the transport header) after `e`.
+#[inline(always)]
+fn new_ports(ports: [u8; 4], e: &Nat) -> [u8; 4] {
+    let mut out = ports;
+    if e.flags & ct_flags::REWRITE_SRC != 0 {
+        out[..2].copy_from_slice(&e.sport.to_be_bytes());
+    }
+    if e.flags & ct_flags::REWRITE_DST != 0 {
+        out[2..].copy_from_slice(&e.dport.to_be_bytes());
+    }
+    out
+}
+
+/// The CRC after the ports changed. A zero CRC is one the sender left to
+/// offload (Linux does so toward veths and NICs with SCTP CRC offload): it
+/// is computed later, over the rewritten packet, and stays zero.
+#[inline(always)]
+fn sctp_crc(crc: [u8; 4], old: [u8; 4], new: [u8; 4], pkt: &Packet) -> [u8; 4] {
+    if crc == [0; 4] || old == new {
+        return crc;
+    }
+    crc32c::replace_head(u32::from_le_bytes(crc), old, new, sctp_len(pkt)).to_le_bytes()
+}
+
+/// Where the transport's Internet checksum is (TCP, UDP; SCTP has its own
+/// way above).
 #[inline(always)]
 fn l4_check_off(pkt: &Packet) -> Option<usize> {
     Some(pkt.l4() + pkt.proto.csum_offset()?)
@@ -31,6 +63,9 @@ fn l4_check_off(pkt: &Packet) -> Option<usize> {
 /// Rewrites the frame in `data..data_end` as `e` says.
 #[inline(always)]
 pub fn rewrite_xdp(data: usize, data_end: usize, pkt: &Packet, e: &Nat) -> Option<()> {
+    if pkt.proto == L4::Sctp {
+        return sctp_xdp(data, data_end, pkt, e);
+    }
     let ip: *mut Ipv4Hdr = ptr_at(data, data_end, pkt.l3())?;
     let ports: *mut [u8; 4] = ptr_at(data, data_end, pkt.l4())?;
     let check: *mut [u8; 2] = ptr_at(data, data_end, l4_check_off(pkt)?)?;
@@ -62,9 +97,44 @@ pub fn rewrite_xdp(data: usize, data_end: usize, pkt: &Packet, e: &Nat) -> Optio
     Some(())
 }
 
+// Its own BPF function, as is the TC one: the CRC arithmetic stays out of
+// the packet path's stack frame.
+#[inline(never)]
+fn sctp_xdp(data: usize, data_end: usize, pkt: &Packet, e: &Nat) -> Option<()> {
+    fragment_xdp(data, data_end, pkt, e)?;
+    let ports: *mut [u8; 4] = ptr_at(data, data_end, pkt.l4())?;
+    let crc: *mut [u8; 4] = ptr_at(data, data_end, pkt.l4() + SCTP_CRC_OFF)?;
+    // SAFETY: both bounds-checked above.
+    unsafe {
+        let old = *ports;
+        let new = new_ports(old, e);
+        *crc = sctp_crc(*crc, old, new, pkt);
+        *ports = new;
+    }
+    Some(())
+}
+
+#[inline(never)]
+fn sctp_tc(ctx: &TcContext, pkt: &Packet, e: &Nat) -> Result<(), i64> {
+    fragment_tc(ctx, pkt, e)?;
+    let old: [u8; 4] = ctx.load(pkt.l4())?;
+    let new = new_ports(old, e);
+    if new != old {
+        // (RECOMPUTE_CSUM keeps a CHECKSUM_COMPLETE buffer's sum right.)
+        let crc: [u8; 4] = ctx.load(pkt.l4() + SCTP_CRC_OFF)?;
+        let flags = BPF_F_RECOMPUTE_CSUM as u64;
+        ctx.store(pkt.l4() + SCTP_CRC_OFF, &sctp_crc(crc, old, new, pkt), flags)?;
+        ctx.store(pkt.l4(), &new, flags)?;
+    }
+    Ok(())
+}
+
 /// Rewrites the socket buffer as `e` says, through the csum helpers.
 #[inline(always)]
 pub fn rewrite_tc(ctx: &TcContext, pkt: &Packet, e: &Nat) -> Result<(), i64> {
+    if pkt.proto == L4::Sctp {
+        return sctp_tc(ctx, pkt, e);
+    }
     let check = l4_check_off(pkt).ok_or(-1i64)?;
     // MARK_MANGLED_0 keeps a zero (absent) checksum zero, and writes a
     // computed zero as 0xffff.
@@ -100,8 +170,8 @@ fn set_addr(
     ctx.store(off, &new, 0)
 }
 
-/// Rewrites the addresses of a later fragment (`Fragment::Later`) in
-/// `data..data_end`: the IP header alone.
+/// Rewrites the addresses of a later fragment (`Fragment::Later`), or of
+/// an SCTP packet, in `data..data_end`: the IP header alone.
 #[inline(always)]
 pub fn fragment_xdp(data: usize, data_end: usize, pkt: &Packet, e: &Nat) -> Option<()> {
     let ip: *mut Ipv4Hdr = ptr_at(data, data_end, pkt.l3())?;

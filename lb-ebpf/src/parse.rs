@@ -1,7 +1,7 @@
 //! Header parsing: Ethernet (with at most one 802.1Q/802.1ad tag), IPv4,
-//! TCP and UDP, whole or in fragments. Anything else (SCTP included, until
-//! its CRC32c can be rewritten), and packets too short or inconsistent to
-//! trust yield `None` and are passed untouched.
+//! TCP, UDP and SCTP, whole or (TCP, UDP) in fragments. Anything else, and
+//! packets too short or inconsistent to trust, yield `None` and are passed
+//! untouched.
 
 use core::mem::size_of;
 
@@ -13,6 +13,14 @@ const VLAN_HLEN: usize = 4;
 const ETH_P_IP: [u8; 2] = [0x08, 0x00];
 const ETH_P_8021Q: [u8; 2] = [0x81, 0x00];
 const ETH_P_8021AD: [u8; 2] = [0x88, 0xa8];
+/// SCTP's common header, a chunk's header, and the chunk types that open
+/// and end an association (RFC 9260).
+const SCTP_HLEN: usize = 12;
+const SCTP_CHUNK_HLEN: usize = 4;
+const SCTP_INIT: u8 = 1;
+const SCTP_ABORT: u8 = 6;
+const SCTP_SHUTDOWN_COMPLETE: u8 = 14;
+
 /// The more-fragments flag and the fragment offset of the IPv4 `frags` field.
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
@@ -45,7 +53,8 @@ pub struct Packet {
     pub key: CtKey,
     /// The transport protocol of `key.proto`.
     pub proto: L4,
-    /// SYN/FIN/RST as `ct_tcp` bits (0 for UDP).
+    /// SYN/FIN/RST as `ct_tcp` bits (0 for UDP; SCTP's INIT counts as a
+    /// SYN, ABORT and SHUTDOWN COMPLETE as a RST).
     pub tcp_flags: u8,
     pub fragment: Fragment,
     /// The IPv4 identification field (network order): with the addresses
@@ -188,7 +197,23 @@ fn parse_inline(data: usize, data_end: usize, pkt_len: usize) -> Option<Packet> 
             }
             (u16::from_be_bytes(u.src), u16::from_be_bytes(u.dst), 0, size_of::<UdpHdr>())
         }
-        L4::Sctp => return None,
+        L4::Sctp => {
+            // Its CRC runs over the whole datagram, whose length a first
+            // fragment does not tell: SCTP in fragments is not translated.
+            if fragment == Fragment::First {
+                return None;
+            }
+            let ports: [u8; 4] = unsafe { *ptr_at(data, data_end, l4)? };
+            // The first chunk's type: a new association, or its end.
+            let chunk: u8 = unsafe { *ptr_at(data, data_end, l4 + SCTP_HLEN)? };
+            let flags = match chunk {
+                SCTP_INIT => ct_tcp::SYN,
+                SCTP_ABORT | SCTP_SHUTDOWN_COMPLETE => ct_tcp::RST,
+                _ => 0,
+            };
+            let [s0, s1, d0, d1] = ports;
+            (u16::from_be_bytes([s0, s1]), u16::from_be_bytes([d0, d1]), flags, SCTP_HLEN + SCTP_CHUNK_HLEN)
+        }
     };
     if (tot_len as usize) < ihl + l4_min {
         return None;

@@ -206,3 +206,59 @@ fn set_ip_checksum(frame: &mut [u8]) {
     let h = etherparse::Ipv4HeaderSlice::from_slice(&frame[14..]).expect("IPv4 header").to_header();
     frame[14 + 10..14 + 12].copy_from_slice(&h.calc_header_checksum().to_be_bytes());
 }
+
+/// CRC32c, SCTP's checksum, from the `crc` crate: independent of the
+/// dataplane's patching.
+pub const CRC32C: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+
+/// An SCTP packet (common header, then one chunk of `chunk_type` carrying
+/// `payload`), its CRC32c computed, or left 0 as a sender offloading it
+/// does (`offloaded`).
+pub fn sctp_packet(sport: u16, dport: u16, chunk_type: u8, payload: &[u8], offloaded: bool) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&0x1234_5678u32.to_be_bytes()); // verification tag
+    p.extend_from_slice(&[0; 4]);
+    p.push(chunk_type);
+    p.push(0);
+    p.extend_from_slice(&((4 + payload.len()) as u16).to_be_bytes());
+    p.extend_from_slice(payload);
+    while p.len() % 4 != 0 {
+        p.push(0);
+    }
+    if !offloaded {
+        let crc = CRC32C.checksum(&p);
+        p[8..12].copy_from_slice(&crc.to_le_bytes());
+    }
+    p
+}
+
+/// An SCTP packet from `src` to `dst` in an Ethernet frame.
+pub fn sctp(src: Addr, dst: Addr, chunk_type: u8, payload: &[u8], offloaded: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(src.0, dst.0, 64)
+        .write(
+            &mut out,
+            etherparse::IpNumber::SCTP,
+            &sctp_packet(src.1, dst.1, chunk_type, payload, offloaded),
+        )
+        .expect("build sctp");
+    out
+}
+
+/// An SCTP frame's addresses and ports, with its IP checksum asserted and
+/// whether its CRC32c is right (`None`: left 0 for offload).
+pub fn parse_sctp(frame: &[u8]) -> (Addr, Addr, Option<bool>) {
+    let h = etherparse::Ipv4HeaderSlice::from_slice(&frame[14..]).expect("IPv4 header").to_header();
+    assert_eq!(h.header_checksum, h.calc_header_checksum(), "IPv4 header checksum");
+    assert_eq!(h.protocol, etherparse::IpNumber::SCTP);
+    let mut s = frame[14 + h.header_len()..14 + h.total_len as usize].to_vec();
+    let port = |i: usize| u16::from_be_bytes([s[i], s[i + 1]]);
+    let (sport, dport) = (port(0), port(2));
+    let crc = u32::from_le_bytes([s[8], s[9], s[10], s[11]]);
+    s[8..12].copy_from_slice(&[0; 4]);
+    let crc_ok = (crc != 0).then(|| crc == CRC32C.checksum(&s));
+    ((h.source, sport), (h.destination, dport), crc_ok)
+}

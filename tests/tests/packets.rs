@@ -556,6 +556,61 @@ fn replies_of_an_endpoint_on_the_nodes_own_address_are_translated_at_egress() {
 
 #[test]
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn sctp_is_translated_both_ways_with_its_crc_patched_for_the_ports() {
+    const INIT: u8 = 1;
+    const INIT_ACK: u8 = 2;
+    let mut bed = bed();
+    for (port, target) in [(5060, 5060), (95, 8082)] {
+        bed.service(
+            frontend(CLUSTER_IP, port, L4::Sctp),
+            FrontendKind::ClusterIp,
+            &[Be::remote(REMOTE_POD, target)],
+        )
+        .unwrap();
+        // A CRC the sender computed is patched; one left to offload stays 0.
+        for offloaded in [false, true] {
+            let crc = if offloaded { None } else { Some(true) };
+            let sport = 40000 + port + offloaded as u16;
+            let out = bed
+                .tc(&packet::sctp((POD_CLIENT, sport), (CLUSTER_IP, port), INIT, b"init", offloaded))
+                .unwrap();
+            assert_eq!(out.action, TC_ACT_OK);
+            let seen = packet::parse_sctp(&out.frame);
+            assert_eq!(seen, ((POD_CLIENT, sport), (REMOTE_POD, target), crc), "request to :{port}");
+            let entry = ct(&bed, CtKey::new(POD_CLIENT, CLUSTER_IP, sport, port, L4::Sctp.proto()));
+            assert!(entry.is_some_and(|e| e.tcp & lb_common::ct_tcp::SYN != 0), "INIT opens the association");
+            // The reply, from the other node, at XDP.
+            let reply = packet::sctp((REMOTE_POD, target), (POD_CLIENT, sport), INIT_ACK, b"ack", offloaded);
+            let out = bed.xdp(&reply).unwrap();
+            assert_eq!(out.action, XDP_PASS);
+            let seen = packet::parse_sctp(&out.frame);
+            assert_eq!(seen, ((CLUSTER_IP, port), (POD_CLIENT, sport), crc), "reply from :{target}");
+        }
+    }
+    // From outside through a NodePort to the other node: ports and source
+    // rewritten, the CRC still right.
+    bed.service(frontend([0; 4], 30060, L4::Sctp), FrontendKind::NodePort, &[Be::remote(REMOTE_POD, 5060)])
+        .unwrap();
+    let out = bed.xdp(&packet::sctp((EXT_CLIENT, 50000), (NODE_ADDR, 30060), INIT, b"init", false)).unwrap();
+    let (src, dst, crc) = packet::parse_sctp(&out.frame);
+    assert_eq!((src.0, dst, crc), (NODE_ADDR, (REMOTE_POD, 5060), Some(true)));
+    // An SCTP packet without a chunk, and a first fragment, pass as they are.
+    let bare = packet::sctp((POD_CLIENT, 41000), (CLUSTER_IP, 5060), INIT, b"", false);
+    let no_chunk = {
+        let mut f = bare[..14 + 20 + 12].to_vec();
+        f[14 + 2..14 + 4].copy_from_slice(&32u16.to_be_bytes());
+        f
+    };
+    let mut first_fragment = bare.clone();
+    first_fragment[14 + 6] = 0x20;
+    for frame in [no_chunk, first_fragment] {
+        let out = bed.tc(&frame).unwrap();
+        assert_eq!((out.action, &out.frame), (TC_ACT_OK, &frame));
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn non_service_and_malformed_traffic_is_passed_untouched() {
     let mut bed = bed();
     bed.service(frontend(CLUSTER_IP, 80, L4::Tcp), FrontendKind::ClusterIp, &[Be::local(LOCAL_POD, 8080)])

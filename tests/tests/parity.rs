@@ -959,3 +959,165 @@ fn services_should_respect_internal_traffic_policy_local_pod_and_node_to_pod_hos
     let from_host_2 = Cluster::http(&c.host(1), "http://10.96.0.85/", 20).unwrap();
     assert!(node_2(&from_host_2), "node-2 itself: {:?}", tally(&from_host_2));
 }
+
+/// SCTP through the Services of these scenarios: the pods answer on 5060
+/// (`lb-netcheck serve`, raw sockets: the kernel needs no SCTP module) and
+/// the clients check every answer's CRC32c (`lb-netcheck sctp`).
+fn sctp_service(c: &Cluster, name: &str, cluster_ip: &str, port: u16, extra: &str, eps: &[(&str, &str)]) {
+    let yaml = one_port_service(name, cluster_ip, ("SCTP", port, 5060), extra, eps);
+    c.write_manifest(&format!("{name}.yaml"), &yaml).unwrap();
+}
+
+/// `count` SCTP queries from `from` to `to`, once the Service answers;
+/// the answers by pod (`badcrc` and `timeout` kept as they are).
+fn sctp_tally(from: &impl Place, to: &str, count: usize) -> std::collections::BTreeMap<String, usize> {
+    let up = wait_for(Duration::from_secs(5), || {
+        Cluster::netcheck(from, &["sctp", to, "1"]).ok().filter(|a| a[0].contains(":q0"))
+    });
+    assert!(up.is_some(), "{to} answers SCTP");
+    let answers = Cluster::netcheck(from, &["sctp", to, &count.to_string()]).unwrap();
+    // `web-a:q3` counts for web-a; `web-a:badcrc` (the pod found the CRC
+    // wrong), `badcrc` (the client did) and `timeout` as they are.
+    let by_pod: Vec<String> = answers
+        .iter()
+        .map(|a| match a.split_once(':') {
+            Some((pod, query)) if query.starts_with('q') => pod.to_string(),
+            _ => a.clone(),
+        })
+        .collect();
+    tally(&by_pod)
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn services_should_allow_creating_a_basic_sctp_service_with_pod_and_endpoints() {
+    let c = cluster();
+    sctp_service(&c, "sctp-basic", "10.96.0.86", 5060, "", &[("10.244.2.10", "node-2")]);
+    // The control: SCTP between the pods themselves.
+    let direct = Cluster::netcheck(&c.pod("client-pod").ns, &["sctp", "10.244.2.10:5060", "3"]).unwrap();
+    assert_eq!(direct, ["web-c:q0", "web-c:q1", "web-c:q2"], "straight to the pod");
+    let t = sctp_tally(&c.pod("client-pod").ns, "10.96.0.86:5060", 10);
+    assert_eq!(t, [("web-c".to_string(), 10)].into(), "every answer from the endpoint, CRC intact");
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn granular_checks_services_should_function_for_pod_service_sctp() {
+    let c = cluster();
+    // Upstream's ports: the Service's differs from the pods', so the CRC
+    // is patched for the ports on the way in and out.
+    let eps = [("10.244.1.10", "node-1"), ("10.244.2.10", "node-2")];
+    c.write_manifest(
+        "sctp-pods.yaml",
+        &one_port_service("sctp-pods", "10.96.0.87", ("SCTP", 95, 5060), "  type: NodePort\n", &eps)
+            .replace("      targetPort: 5060\n", "      targetPort: 5060\n      nodePort: 30595\n"),
+    )
+    .unwrap();
+    let pod = &c.pod("client-pod").ns;
+    let both = |t: &std::collections::BTreeMap<String, usize>| t.keys().eq(["web-a", "web-c"].iter());
+    let t = sctp_tally(pod, "10.96.0.87:95", 20);
+    assert!(both(&t), "pod → ClusterIP: {t:?}");
+    for addr in NODE_ADDRS {
+        let to = format!("{addr}:30595");
+        let t = sctp_tally(pod, &to, 20);
+        assert!(both(&t), "pod → NodePort on {addr}: {t:?}");
+        let t = sctp_tally(&c.client, &to, 20);
+        assert!(both(&t), "outside → NodePort on {addr}: {t:?}");
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn granular_checks_services_should_function_for_endpoint_service_sctp() {
+    let c = cluster();
+    let eps = [("10.244.1.10", "node-1"), ("10.244.2.10", "node-2")];
+    c.write_manifest(
+        "sctp-eps.yaml",
+        &one_port_service("sctp-eps", "10.96.0.88", ("SCTP", 95, 5060), "  type: NodePort\n", &eps)
+            .replace("      targetPort: 5060\n", "      targetPort: 5060\n      nodePort: 30596\n"),
+    )
+    .unwrap();
+    // From one of the endpoints: it reaches itself (hairpin, source-NATed
+    // to the node) and the other.
+    let endpoint = &c.pod("web-a").ns;
+    let both = |t: &std::collections::BTreeMap<String, usize>| t.keys().eq(["web-a", "web-c"].iter());
+    let t = sctp_tally(endpoint, "10.96.0.88:95", 30);
+    assert!(both(&t), "endpoint → ClusterIP: {t:?}");
+    let t = sctp_tally(endpoint, &format!("{}:30596", NODE_ADDRS[1]), 30);
+    assert!(both(&t), "endpoint → NodePort: {t:?}");
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn services_should_serve_endpoints_on_same_port_and_different_protocol_for_internal_traffic_on_type_load_balancer()
+ {
+    let c = cluster();
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: dual-lb\n  namespace: default\nspec:\n  \
+                type: LoadBalancer\n  clusterIP: 10.96.0.89\n  ports:\n    - name: tcp\n      port: 53\n      \
+                protocol: TCP\n      targetPort: 8080\n    - name: dns\n      port: 53\n      protocol: UDP\n      \
+                targetPort: 5353\nstatus:\n  loadBalancer:\n    ingress:\n      - ip: 198.51.100.89\n---\n\
+                apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dual-lb-1\n  \
+                namespace: default\n  labels:\n    kubernetes.io/service-name: dual-lb\naddressType: IPv4\nports:\n  \
+                - name: tcp\n    port: 8080\n  - name: dns\n    port: 5353\n    protocol: UDP\nendpoints:\n  \
+                - addresses: [\"10.244.2.10\"]\n    nodeName: node-2\n";
+    c.write_manifest("dual-lb.yaml", yaml).unwrap();
+    // Internal traffic: pods on both nodes to the ClusterIP and to the LB
+    // IP (kube-proxy short-circuits that in the cluster), both protocols.
+    for pod in ["client-pod", "legacy-x"] {
+        let ns = &c.pod(pod).ns;
+        for addr in ["10.96.0.89", "198.51.100.89"] {
+            let tcp = || Cluster::http_probe(ns, &format!("http://{addr}:53/")).as_deref() == Ok("web-c");
+            let udp = || Cluster::udp(ns, &format!("{addr}:53"), 1).is_ok_and(|a| a == ["web-c:q0"]);
+            let up = wait_for(Duration::from_secs(5), || (tcp() && udp()).then_some(()));
+            assert!(up.is_some(), "{pod} → {addr}:53 over TCP and UDP");
+        }
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn granular_checks_services_should_update_node_port_udp() {
+    let c = cluster();
+    let yaml = service("np-udp", "10.96.0.90", "UDP", 53, "  type: NodePort\n", &[("10.244.2.10", "node-2")])
+        .replace("      targetPort: 5353\n", "      targetPort: 5353\n      nodePort: 30598\n");
+    c.write_manifest("np-udp.yaml", &yaml).unwrap();
+    let answers =
+        |addr: &str| Cluster::udp(&c.client, &format!("{addr}:30598"), 1).is_ok_and(|a| a == ["web-c:q0"]);
+    for addr in NODE_ADDRS {
+        let up = wait_for(Duration::from_secs(5), || answers(addr).then_some(()));
+        assert!(up.is_some(), "the UDP NodePort through {addr}");
+    }
+    // Deleted: the node port is released on both nodes.
+    std::fs::remove_file(c.manifests.join("np-udp.yaml")).unwrap();
+    for addr in NODE_ADDRS {
+        let gone = wait_for(Duration::from_secs(5), || (!answers(addr)).then_some(()));
+        assert!(gone.is_some(), "the deleted UDP NodePort still answers through {addr}");
+    }
+    let out = std::process::Command::new(lb_tests::netns::agent_binary())
+        .args(["inspect", "services", "--pin-dir"])
+        .arg(c.pin_dir(0))
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("30598"), "no frontend left for the node port");
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn services_should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoints_with_internal_traffic_policy_local()
+ {
+    let c = cluster();
+    let terminating = "{ready: false, serving: true, terminating: true}";
+    let yaml = with_conditions(
+        "local-fallback",
+        "10.96.0.91",
+        "  internalTrafficPolicy: Local\n",
+        &[("10.244.1.10", "node-1", terminating), ("10.244.2.10", "node-2", terminating)],
+    );
+    c.write_manifest("local-fallback.yaml", &yaml).unwrap();
+    // Each node's pods reach their own node's terminating endpoint, and
+    // never the other node's.
+    eventually(&c.pod("client-pod").ns, "http://10.96.0.91/", "node-1's", |a| a.iter().all(|x| x == "web-a"));
+    eventually(&c.pod("legacy-x").ns, "http://10.96.0.91/", "node-2's", |a| a.iter().all(|x| x == "web-c"));
+    let many = Cluster::http(&c.pod("client-pod").ns, "http://10.96.0.91/", 20).unwrap();
+    assert_eq!(tally(&many).get("web-a"), Some(&20), "{:?}", tally(&many));
+}

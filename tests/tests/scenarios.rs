@@ -494,8 +494,10 @@ endpoints: [{addresses: ["10.244.2.10"], nodeName: node-2}]
     assert!(log.contains("switched the north-south hook") && log.contains("hook=tc"), "{log}");
     let hooks = inspect(&c, 0, "interfaces");
     let eth0: Vec<&Value> = hooks.as_array().unwrap().iter().filter(|i| i["interface"] == "eth0").collect();
-    assert_eq!(eth0.len(), 1, "one hook on eth0: {hooks}");
-    assert_eq!(eth0[0]["hook"], "tc");
+    let ingress: Vec<&&Value> = eth0.iter().filter(|i| i["hook"] != "egress").collect();
+    assert_eq!(ingress.len(), 1, "one north-south hook on eth0: {hooks}");
+    assert_eq!(ingress[0]["hook"], "tc");
+    assert_eq!(eth0.len(), 2, "and the egress program: {hooks}");
     let out = stream.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "the stream broke: {stdout} {}", String::from_utf8_lossy(&out.stderr));

@@ -39,14 +39,9 @@ pub struct PortSpec {
     pub node_port: Option<u16>,
 }
 
-/// The protocol of a Service or EndpointSlice port, if the dataplane
-/// translates it.
+/// The protocol of a Service or EndpointSlice port (TCP by default).
 pub fn protocol(p: Option<&str>) -> Result<L4, String> {
-    match L4::from_name(p.unwrap_or("TCP")) {
-        Some(L4::Sctp) => Err("SCTP is not programmed yet (the dataplane handles TCP and UDP)".into()),
-        Some(l4) => Ok(l4),
-        None => Err(format!("unknown protocol {}", p.unwrap_or_default())),
-    }
+    L4::from_name(p.unwrap_or("TCP")).ok_or_else(|| format!("unknown protocol {}", p.unwrap_or_default()))
 }
 
 /// `text` as an address the dataplane serves (IPv4), with a note if not.

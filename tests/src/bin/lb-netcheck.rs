@@ -2,8 +2,11 @@
 //! client namespace with `ip netns exec`).
 //!
 //! - `serve NAME`: HTTP on :8080 answering NAME (`/whoami`: NAME and the
-//!   client address seen), `NAME:9090` and `NAME:9091` on those ports, UDP on :5353 answering `NAME:<payload>`, and a
-//!   TCP echo on :7000.
+//!   client address seen), `NAME:9090` and `NAME:9091` on those ports, UDP on :5353 answering `NAME:<payload>`, a
+//!   TCP echo on :7000, and SCTP on :5060 (raw sockets, so the kernel needs
+//!   no SCTP) answering `NAME:<payload>`.
+//! - `sctp ADDR:PORT COUNT`: one SCTP packet per query (raw socket, CRC32c
+//!   computed); one line each: the answer, `badcrc` or `timeout`.
 //! - `udp ADDR:PORT COUNT`: one datagram per line of output: the answer,
 //!   `refused` (ICMP port unreachable) or `timeout`.
 //! - `udp-large ADDR:PORT BYTES COUNT`: datagrams of BYTES bytes (more than
@@ -50,6 +53,7 @@ fn main() -> Result<()> {
         ["serve", name] => serve(name),
         ["udp", to, count] => udp(to, count.parse()?),
         ["udp-large", to, bytes, count] => udp_large(to, bytes.parse()?, count.parse()?),
+        ["sctp", to, count] => sctp(to, count.parse()?),
         ["stream", to, seconds] => stream(to, Duration::from_secs(seconds.parse()?)),
         ["http-close", port] => http_close(port.parse()?),
         ["boom", port, seconds, shift] => boom(port.parse()?, seconds.parse()?, shift.parse()?),
@@ -59,7 +63,7 @@ fn main() -> Result<()> {
         ["udp-hold", to, millis] => udp_hold(to, Duration::from_millis(millis.parse()?)),
         ["udp-loop", to, src, millis] => udp_loop(to, src.parse()?, Duration::from_millis(millis.parse()?)),
         _ => bail!(
-            "usage: lb-netcheck serve NAME | udp ADDR:PORT COUNT | udp-large ADDR:PORT BYTES COUNT | stream ADDR:PORT SECONDS | http-close PORT | boom PORT SECONDS SHIFT \
+            "usage: lb-netcheck serve NAME | udp ADDR:PORT COUNT | udp-large ADDR:PORT BYTES COUNT | sctp ADDR:PORT COUNT | stream ADDR:PORT SECONDS | http-close PORT | boom PORT SECONDS SHIFT \
              | connect ADDR:PORT | udp-from ADDR:PORT COUNT | udp-peer ADDR:PORT | udp-hold ADDR:PORT MILLIS \
              | udp-loop ADDR:PORT SRCPORT MILLIS"
         ),
@@ -91,6 +95,9 @@ fn serve(name: &str) -> Result<()> {
             let _ = udp.send_to(reply.as_bytes(), from);
         }
     });
+    let sctp = RawIp::open(libc::IPPROTO_SCTP)?;
+    let sctp_name = name.to_string();
+    std::thread::spawn(move || sctp_serve(&sctp, &sctp_name));
     let echo = TcpListener::bind("0.0.0.0:7000")?;
     for conn in echo.incoming() {
         let Ok(mut conn) = conn else { continue };
@@ -120,6 +127,105 @@ fn udp(to: &str, count: u32) -> Result<()> {
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => println!("timeout"),
             Err(e) => println!("error {e}"),
         }
+    }
+    Ok(())
+}
+
+/// SCTP's port here, as upstream's `agnhost netexec --sctp-port`.
+const SCTP_PORT: u16 = 5060;
+
+/// An SCTP packet: common header (verification tag fixed), one DATA-like
+/// chunk carrying `payload`, and its CRC32c.
+fn sctp_packet(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+    p.extend_from_slice(&[0; 4]);
+    p.extend_from_slice(&[0, 3]);
+    p.extend_from_slice(&((4 + payload.len()) as u16).to_be_bytes());
+    p.extend_from_slice(payload);
+    while p.len() % 4 != 0 {
+        p.push(0);
+    }
+    let crc = lb_tests::packet::CRC32C.checksum(&p);
+    p[8..12].copy_from_slice(&crc.to_le_bytes());
+    p
+}
+
+/// One SCTP packet read from a raw socket's bytes (IP header first): its
+/// source, ports, whether its CRC32c holds, and its first chunk's value.
+struct SctpSeen {
+    from: std::net::Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    crc_ok: bool,
+    payload: Vec<u8>,
+}
+
+fn sctp_parse(buf: &[u8]) -> Option<SctpSeen> {
+    let (ip, rest) = etherparse::Ipv4Header::from_slice(buf).ok()?;
+    let len = (ip.total_len as usize).checked_sub(ip.header_len())?;
+    let mut s = rest.get(..len)?.to_vec();
+    if s.len() < 16 {
+        return None;
+    }
+    let crc = u32::from_le_bytes([s[8], s[9], s[10], s[11]]);
+    s[8..12].copy_from_slice(&[0; 4]);
+    let chunk_len = u16::from_be_bytes([s[14], s[15]]) as usize;
+    Some(SctpSeen {
+        from: ip.source.into(),
+        sport: u16::from_be_bytes([s[0], s[1]]),
+        dport: u16::from_be_bytes([s[2], s[3]]),
+        crc_ok: crc == lb_tests::packet::CRC32C.checksum(&s),
+        payload: s.get(16..12 + chunk_len.max(4))?.to_vec(),
+    })
+}
+
+/// The pods' SCTP server, on raw sockets (the test machines' kernels need
+/// not have SCTP): answers each packet to its port with `NAME:<payload>`,
+/// or `NAME:badcrc` when the packet's CRC32c does not hold.
+fn sctp_serve(sock: &RawIp, name: &str) {
+    let mut buf = [0u8; 2048];
+    loop {
+        let Some(n) = sock.recv(&mut buf) else { continue };
+        let Some(seen) = sctp_parse(&buf[..n]) else { continue };
+        if seen.dport != SCTP_PORT {
+            continue;
+        }
+        let text =
+            if seen.crc_ok { String::from_utf8_lossy(&seen.payload).into_owned() } else { "badcrc".into() };
+        let reply = sctp_packet(SCTP_PORT, seen.sport, format!("{name}:{text}").as_bytes());
+        let _ = sock.send_to(&reply, seen.from);
+    }
+}
+
+/// `sctp ADDR:PORT COUNT`: a packet per query from a fresh source port;
+/// prints the answer (`NAME:q<i>`), `badcrc` when the answer's CRC32c does
+/// not hold, or `timeout`.
+fn sctp(to: &str, count: u32) -> Result<()> {
+    let to: std::net::SocketAddrV4 = to.parse()?;
+    let sock = RawIp::open(libc::IPPROTO_SCTP)?;
+    for i in 0..count {
+        let sport = 40_000 + (std::process::id() as u16 % 10_000) + i as u16;
+        sock.send_to(&sctp_packet(sport, to.port(), format!("q{i}").as_bytes()), *to.ip())?;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut answer = "timeout".to_string();
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline {
+            let Some(n) = sock.recv(&mut buf) else { continue };
+            let Some(seen) = sctp_parse(&buf[..n]) else { continue };
+            if seen.from != *to.ip() || seen.sport != to.port() || seen.dport != sport {
+                continue;
+            }
+            answer = if seen.crc_ok {
+                String::from_utf8_lossy(&seen.payload).trim_end_matches('\0').to_string()
+            } else {
+                "badcrc".into()
+            };
+            break;
+        }
+        println!("{answer}");
     }
     Ok(())
 }
@@ -206,7 +312,7 @@ fn boom(port: u16, seconds: u64, shift: u16) -> Result<()> {
     let rsts = Arc::new(AtomicU32::new(0));
     let counter = {
         let rsts = rsts.clone();
-        let watch = RawTcp::open()?;
+        let watch = RawIp::open(libc::IPPROTO_TCP)?;
         std::thread::spawn(move || {
             let mut buf = [0u8; 1500];
             while Instant::now() < deadline {
@@ -219,7 +325,7 @@ fn boom(port: u16, seconds: u64, shift: u16) -> Result<()> {
             }
         })
     };
-    let send = RawTcp::open()?;
+    let send = RawIp::open(libc::IPPROTO_TCP)?;
     let (mut connections, mut bad) = (0u32, 0u32);
     while Instant::now() < deadline {
         let conn = match listener.accept() {
@@ -266,15 +372,16 @@ fn boom(port: u16, seconds: u64, shift: u16) -> Result<()> {
     Ok(())
 }
 
-/// A raw IPv4 TCP socket: sends segments whose TCP header we wrote, and
-/// receives a copy of every TCP packet for this host.
-struct RawTcp(std::os::fd::OwnedFd);
+/// A raw IPv4 socket of one protocol: sends packets whose transport header
+/// we wrote (the kernel adds the IP header), and receives a copy of every
+/// packet of that protocol for this host, IP header first.
+struct RawIp(std::os::fd::OwnedFd);
 
-impl RawTcp {
-    fn open() -> Result<Self> {
+impl RawIp {
+    fn open(protocol: i32) -> Result<Self> {
         use std::os::fd::FromRawFd;
         // SAFETY: plain socket calls; the fd is owned from here on.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP) };
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, protocol) };
         if fd < 0 {
             bail!("raw socket: {}", std::io::Error::last_os_error());
         }
