@@ -112,8 +112,16 @@ pub fn node_facts(opts: &Options, facts: &NodeFacts) -> Result<(NodeInfo, NodeSe
         snat_addr: snat,
         nat_ports: opts.nat_ports,
         via_stack: opts.via_stack,
-        service_cidrs: opts.service_cidrs.clone(),
+        service_cidrs: if opts.service_cidrs.is_empty() {
+            facts.service_cidrs.clone()
+        } else {
+            opts.service_cidrs.clone()
+        },
     };
+    let room = lb_common::registry::SERVICE_CIDRS.capacity() as usize;
+    if settings.service_cidrs.len() > room {
+        bail!("{} service CIDRs: the ClusterIP catch-all holds {room}", settings.service_cidrs.len());
+    }
     let zone = opts.zone.clone().or_else(|| facts.zone.clone());
     let node = NodeInfo {
         name: opts.node_name.clone(),

@@ -158,7 +158,8 @@ struct RunArgs {
     /// --service-cluster-ip-range): as kube-proxy's nftables mode does, a
     /// packet to a ClusterIP on a port no Service uses is answered port
     /// unreachable, and one to an address of the range no Service has is
-    /// dropped. Unset: no catch-all.
+    /// dropped. Unset: the ServiceCIDR objects' ranges (Kubernetes 1.33+),
+    /// else no catch-all.
     #[arg(long = "service-cidr", env = "LB_SERVICE_CIDRS", value_delimiter = ',')]
     service_cidrs: Vec<ipnet::IpNet>,
 }

@@ -1,6 +1,7 @@
 //! A fake Kubernetes API server at the HTTP layer, for the watch source:
-//! it answers list and watch requests for Services, EndpointSlices and
-//! Nodes from an object store the test edits, streams watch events to open
+//! it answers list and watch requests for Services, EndpointSlices, Nodes
+//! and ServiceCIDRs (unless told it predates them) from an object store the
+//! test edits, streams watch events to open
 //! watches, and can drop connections, expire resource versions (410 Gone)
 //! or be unreachable (503). In process (`client`), or over HTTP on a
 //! listener (`serve`) for an agent process.
@@ -32,6 +33,8 @@ struct State {
     history: Vec<(u64, String, Value, Bytes)>,
     expired: bool,
     down: bool,
+    /// Collections answered 404, as by an API server without them.
+    unserved: Vec<String>,
     requests: Vec<String>,
 }
 
@@ -77,6 +80,8 @@ fn collection(path: &str) -> Option<&'static str> {
         Some("endpointslices")
     } else if path.ends_with("/nodes") {
         Some("nodes")
+    } else if path.ends_with("/servicecidrs") {
+        Some("servicecidrs")
     } else {
         None
     }
@@ -86,6 +91,7 @@ fn list_kind(collection: &str) -> (&'static str, &'static str) {
     match collection {
         "services" => ("ServiceList", "v1"),
         "endpointslices" => ("EndpointSliceList", "discovery.k8s.io/v1"),
+        "servicecidrs" => ("ServiceCIDRList", "networking.k8s.io/v1"),
         _ => ("NodeList", "v1"),
     }
 }
@@ -95,6 +101,7 @@ fn collection_of(obj: &Value) -> &'static str {
         Some("Service") => "services",
         Some("EndpointSlice") => "endpointslices",
         Some("Node") => "nodes",
+        Some("ServiceCIDR") => "servicecidrs",
         other => panic!("fake API has no kind {other:?}"),
     }
 }
@@ -166,9 +173,17 @@ impl FakeApi {
         if s.down {
             return Response::builder().status(StatusCode::SERVICE_UNAVAILABLE).body(one(json!({}))).unwrap();
         }
-        let Some(coll) = collection(uri.path()) else {
-            return Response::builder().status(StatusCode::NOT_FOUND).body(one(json!({}))).unwrap();
+        let not_found = || {
+            let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": "the server could not find the requested resource", "reason": "NotFound", "code": 404});
+            Response::builder().status(StatusCode::NOT_FOUND).body(one(status)).unwrap()
         };
+        let Some(coll) = collection(uri.path()) else {
+            return not_found();
+        };
+        if s.unserved.iter().any(|u| u == coll) {
+            return not_found();
+        }
         let query = uri.query().unwrap_or("");
         let selector = Selector::parse(query);
         let watching = query.split('&').any(|p| p == "watch=true" || p == "watch=1");
@@ -274,6 +289,12 @@ impl FakeApi {
         }
     }
 
+    /// Answers `collection` ("servicecidrs") 404 from now on, as an API
+    /// server that predates it.
+    pub fn unserve(&self, collection: &str) {
+        self.0.lock().unwrap().unserved.push(collection.to_string());
+    }
+
     pub fn requests(&self) -> Vec<String> {
         self.0.lock().unwrap().requests.clone()
     }
@@ -314,4 +335,9 @@ pub fn node(name: &str, ip: &str, zone: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Node",
         "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
         "status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}]}})
+}
+
+pub fn service_cidr(name: &str, cidrs: &[&str]) -> Value {
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+        "metadata": {"name": name}, "spec": {"cidrs": cidrs}})
 }

@@ -147,11 +147,11 @@ async fn rbac_grants_exactly_the_calls_the_agent_makes() {
     tokio::time::timeout(Duration::from_secs(10), source.ready()).await.unwrap().unwrap();
     // Let every watch open after its list.
     let opened = async {
-        while api.open_watches() < 3 {
+        while api.open_watches() < 4 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
-    tokio::time::timeout(Duration::from_secs(5), opened).await.expect("three watches");
+    tokio::time::timeout(Duration::from_secs(5), opened).await.expect("four watches");
     let used: BTreeSet<_> = api.requests().iter().map(|r| call(r)).collect();
 
     let (objects, _) = load();

@@ -13,7 +13,7 @@ use std::{
 
 use lb_tests::{
     cluster::{Cluster, NODE_ADDRS, http_until, one_port_service, standard_pods, tally},
-    fake_api::{FakeApi, node},
+    fake_api::{FakeApi, node, service_cidr},
     netns::{Agent, HostProcess, TempDir, agent_binary, wait_for},
 };
 use serde_json::json;
@@ -341,5 +341,17 @@ fn h10_with_kube_proxy_gone_the_agent_dials_the_api_server_itself_and_serves_its
     // API server through its ClusterIP.
     let answer = Cluster::http_once(&c.host(0), "http://10.96.0.1:443/api/v1/services", 2).unwrap();
     assert!(answer.contains("\"ServiceList\"") && answer.contains("kubernetes"), "{answer}");
+    // The cluster's ServiceCIDR, with no --service-cidr given, is the
+    // ClusterIP catch-all's range: an address of it without a Service is
+    // unreachable at once, the ClusterIP's unused ports refused.
+    let connect = |to: &str| Cluster::netcheck(&c.host(0), &["connect", to]).unwrap()[0].clone();
+    assert!(connect("10.96.0.77:80").starts_with("error"), "before: no catch-all, a timeout");
+    api.apply(service_cidr("kubernetes", &["10.96.0.0/12"]));
+    let caught = wait_for(Duration::from_secs(5), || {
+        let unallocated = connect("10.96.0.77:80");
+        unallocated.contains("No route to host").then_some(unallocated)
+    });
+    assert!(caught.is_some(), "the ServiceCIDR's unallocated address:\n{}", agent.log());
+    assert!(connect("10.96.0.1:80").starts_with("refused"), "the ClusterIP's unused port");
     c.agents[0] = Some(agent);
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use lb_tests::fake_api::{FakeApi, node, service, slice};
+use lb_tests::fake_api::{FakeApi, node, service, service_cidr, slice};
 use lb_userspace::{model::ClusterState, sources::kubernetes::KubeSource};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -90,4 +90,40 @@ async fn follows_the_api_server_through_watch_failures() {
         "spec": {"clusterIP": "10.96.0.14", "ports": [{"port": 80}]}}));
     api.set_down(false);
     eventually(&source, "recovery after an outage", |s| s.services.contains_key("default/while-down")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_cidrs_come_from_service_cidr_objects_where_the_api_server_has_them() {
+    let api = FakeApi::default();
+    api.apply(node("node-1", "192.0.2.11", "zone-a"));
+    api.apply(service_cidr("kubernetes", &["10.96.0.0/12", "fd00:10:96::/112"]));
+    let (tx, _changed) = mpsc::channel(1);
+    let source = KubeSource::start(api.client(), "node-1", tx);
+    tokio::time::timeout(Duration::from_secs(10), source.ready()).await.expect("first sync").unwrap();
+    let cidrs =
+        |source: &KubeSource| source.node().service_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while cidrs(&source).is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(cidrs(&source), ["10.96.0.0/12"], "the IPv4 range (IPv6 waits for the IPv6 dataplane)");
+    // A second range, as a cluster admin extends the service range.
+    api.apply(service_cidr("extra", &["10.100.0.0/16"]));
+    while cidrs(&source).len() < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(cidrs(&source), ["10.96.0.0/12", "10.100.0.0/16"]);
+
+    // An API server without ServiceCIDRs (before 1.33): the first sync
+    // does not wait for them, there are none, and they are not asked again.
+    let old = FakeApi::default();
+    old.unserve("servicecidrs");
+    old.apply(node("node-1", "192.0.2.11", "zone-a"));
+    let (tx, _changed) = mpsc::channel(1);
+    let source = KubeSource::start(old.client(), "node-1", tx);
+    tokio::time::timeout(Duration::from_secs(10), source.ready()).await.expect("first sync").unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(source.node().service_cidrs.is_empty());
+    let asked = old.requests().iter().filter(|r| r.contains("servicecidrs")).count();
+    assert_eq!(asked, 1, "asked once: {:?}", old.requests());
 }

@@ -22,7 +22,10 @@ pub fn port_frontends(
     let cluster = cluster_usable(eps);
     let local = usable(eps.iter().filter(|e| e.backend.local));
     let any_usable = !cluster.is_empty() || !local.is_empty();
-    let all: Vec<DesiredBackend> = eps.iter().map(|e| e.backend).collect();
+    // An endpoint that stopped serving is no endpoint any more: its UDP
+    // flows move (kube-proxy flushes their conntrack entries then), TCP
+    // connections go on through conntrack.
+    let all: Vec<DesiredBackend> = eps.iter().filter(|e| e.serving || e.ready).map(|e| e.backend).collect();
     let make = |kind, local_policy: bool, source_ranges: bool| {
         let backends = if local_policy { local.clone() } else { cluster.clone() };
         let mut standby: Vec<_> = all.iter().filter(|b| !backends.contains(b)).copied().collect();

@@ -96,9 +96,9 @@ pub struct DesiredFrontend {
     pub kind: FrontendKind,
     /// Endpoints new connections may use, sorted.
     pub backends: Vec<DesiredBackend>,
-    /// Endpoints still present but not for new connections (not ready,
-    /// terminating, or filtered by traffic policy): kept so that their
-    /// established flows continue.
+    /// Endpoints still serving but not for new connections (terminating,
+    /// or filtered by traffic policy or topology): kept so that their
+    /// established UDP flows stay.
     pub standby: Vec<DesiredBackend>,
     /// sessionAffinity ClientIP timeout.
     pub affinity_timeout: Option<u32>,

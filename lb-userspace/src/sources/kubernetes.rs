@@ -1,5 +1,6 @@
-//! Services, EndpointSlices and this node's Node object from the API server,
-//! through kube-rs reflectors with kube-proxy's label filters.
+//! Services, EndpointSlices, this node's Node object and the cluster's
+//! ServiceCIDRs from the API server, through kube-rs reflectors with
+//! kube-proxy's label filters.
 //!
 //! The watchers relist after a 410 Gone, retry with backoff when the API
 //! server is away, and the stores keep the last known state meanwhile, so
@@ -8,8 +9,9 @@
 use std::{collections::BTreeMap, fmt::Debug, net::IpAddr};
 
 use futures::StreamExt as _;
+use ipnet::Ipv4Net;
 use k8s_openapi::{
-    api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice},
+    api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice, networking::v1::ServiceCIDR},
     serde::de::DeserializeOwned,
 };
 use kube::{
@@ -17,7 +19,7 @@ use kube::{
     runtime::{WatchStreamExt as _, reflector, reflector::Store, watcher},
 };
 use tokio::sync::mpsc;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::model::{ClusterState, LABEL_HEADLESS, LABEL_PROXY_NAME, object_ref};
 
@@ -29,13 +31,18 @@ pub struct KubeSource {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     node: Store<Node>,
+    service_cidrs: Store<ServiceCIDR>,
 }
 
-/// What the Node object says about this node.
+/// What the cluster says about this node: its Node object's zone and
+/// addresses, and the cluster's service ranges.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeFacts {
     pub zone: Option<String>,
     pub addresses: Vec<IpAddr>,
+    /// The IPv4 ranges of the ServiceCIDR objects (Kubernetes 1.33+): the
+    /// ClusterIP catch-all's, unless `--service-cidr` says otherwise.
+    pub service_cidrs: Vec<Ipv4Net>,
 }
 
 impl KubeSource {
@@ -49,15 +56,18 @@ impl KubeSource {
             services: reflect(Api::all(client.clone()), filtered.clone(), changed.clone()),
             slices: reflect(Api::all(client.clone()), filtered, changed.clone()),
             node: reflect(
-                Api::all(client),
+                Api::all(client.clone()),
                 watcher::Config::default().fields(&format!("metadata.name={node_name}")),
-                changed,
+                changed.clone(),
             ),
+            service_cidrs: reflect(Api::all(client), watcher::Config::default(), changed),
         }
     }
 
     /// Resolves once every watch has completed its first list: the first
-    /// full sync, before which nothing may be pruned.
+    /// full sync, before which nothing may be pruned. (Not waiting for the
+    /// ServiceCIDRs, which older API servers do not serve: the catch-all
+    /// starts when they are listed.)
     pub async fn ready(&self) -> anyhow::Result<()> {
         self.services.wait_until_ready().await?;
         self.slices.wait_until_ready().await?;
@@ -86,7 +96,17 @@ impl KubeSource {
                 addresses.entry(rank).or_default().push(ip);
             }
         }
-        NodeFacts { zone, addresses: addresses.into_values().flatten().collect() }
+        let mut service_cidrs: Vec<Ipv4Net> = self
+            .service_cidrs
+            .state()
+            .iter()
+            .flat_map(|c| c.spec.iter().flat_map(|s| s.cidrs.iter().flatten()))
+            .filter_map(|c| c.parse::<Ipv4Net>().ok())
+            .map(|c| c.trunc())
+            .collect();
+        service_cidrs.sort();
+        service_cidrs.dedup();
+        NodeFacts { zone, addresses: addresses.into_values().flatten().collect(), service_cidrs }
     }
 }
 
@@ -103,6 +123,12 @@ where
             match event {
                 Ok(_) => {
                     let _ = changed.try_send(());
+                }
+                // A kind this API server does not serve (ServiceCIDR before
+                // 1.33): said once, not retried.
+                Err(watcher::Error::InitialListFailed(kube::Error::Api(status))) if status.code == 404 => {
+                    info!(kind = %K::kind(&Default::default()), "not served by the API server");
+                    return;
                 }
                 Err(e) => {
                     warn!(kind = %K::kind(&Default::default()), error = %e, "watch failed; retrying with backoff")
