@@ -200,11 +200,20 @@ pub struct FragEntry {
     /// `ct_flags` of the first fragment's rewrite.
     pub flags: u8,
     pub _pad: [u8; 3],
+    /// `CLOCK_MONOTONIC` nanoseconds of the first fragment.
+    pub seen: u64,
 }
 
 impl FragEntry {
-    pub const fn new(nat: &Nat, frontend_id: u32) -> Self {
-        Self { saddr: nat.saddr, daddr: nat.daddr, frontend_id, flags: nat.flags, _pad: [0; 3] }
+    pub const fn new(nat: &Nat, frontend_id: u32, seen: u64) -> Self {
+        Self { saddr: nat.saddr, daddr: nat.daddr, frontend_id, flags: nat.flags, _pad: [0; 3], seen }
+    }
+
+    /// Whether the later fragments of its datagram may still come: the
+    /// kernel's reassembly gives up on a datagram after 30 s
+    /// (`ipfrag_time`), and an IP id is reused sooner or later.
+    pub const fn live(&self, now: u64) -> bool {
+        now.saturating_sub(self.seen) <= ct_timeout::FRAGMENTS
     }
 
     /// The rewrite for a later fragment (no ports to change).
@@ -246,6 +255,9 @@ pub mod ct_timeout {
     /// A cached next hop is looked up in the FIB again after this long, so
     /// route and neighbour changes reach established flows.
     pub const NEXT_HOP: u64 = SEC;
+    /// How long a first fragment's rewrite waits for the later fragments:
+    /// the kernel's reassembly timeout (`ipfrag_time`).
+    pub const FRAGMENTS: u64 = 30 * SEC;
 }
 
 /// Slots of the next-hop cache (`lb_next_hops`, per CPU).

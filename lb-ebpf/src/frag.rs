@@ -4,11 +4,13 @@
 //! and the later fragments get the same addresses and go the same way.
 //! A later fragment that arrives before its first (reordered on the way) is
 //! not known yet and is passed untranslated, as is any fragment not of a
-//! service flow.
+//! service flow. A first fragment left untranslated forgets what an earlier
+//! datagram with the same id got, and a rewrite older than the kernel's
+//! reassembly timeout is not used: an IP id comes round again.
 
 use lb_common::{FragEntry, FragKey, Nat};
 
-use crate::{maps, parse::Packet};
+use crate::{conntrack, maps, parse::Packet};
 
 #[inline(always)]
 fn key(pkt: &Packet) -> FragKey {
@@ -21,11 +23,18 @@ fn key(pkt: &Packet) -> FragKey {
 /// Remembers how a first fragment was translated.
 #[inline(never)]
 pub fn remember(pkt: &Packet, nat: &Nat, frontend_id: u32) {
-    maps::set_fragment(&key(pkt), &FragEntry::new(nat, frontend_id));
+    maps::set_fragment(&key(pkt), &FragEntry::new(nat, frontend_id, conntrack::now()));
+}
+
+/// A first fragment that is not translated: its later fragments are not
+/// either, whatever an earlier datagram with its id got.
+#[inline(never)]
+pub fn forget(pkt: &Packet) {
+    maps::forget_fragment(&key(pkt));
 }
 
 /// How a later fragment's datagram was translated, if it was.
 #[inline(never)]
 pub fn translation(pkt: &Packet) -> Option<FragEntry> {
-    maps::fragment(&key(pkt))
+    maps::fragment(&key(pkt)).filter(|f| f.live(conntrack::now()))
 }

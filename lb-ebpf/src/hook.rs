@@ -52,9 +52,13 @@ pub fn run<H: Hook>(ctx: &H, origin: Origin) -> H::Action {
     };
     let k = &pkt.key;
     if pkt.fragment == Fragment::Later {
-        return later_fragment(ctx, &pkt);
+        return later_fragment(ctx, &pkt, true);
     }
-    match flow::process(&pkt, origin, H::REDIRECTS) {
+    let verdict = flow::process(&pkt, origin, H::REDIRECTS);
+    if pkt.fragment == Fragment::First && !matches!(verdict, Verdict::Translate(_)) {
+        frag::forget(&pkt);
+    }
+    match verdict {
         Verdict::Pass => H::PASS,
         Verdict::Drop(reason) => {
             count_drop(reason);
@@ -104,38 +108,43 @@ pub fn run_host_replies<H: Hook>(ctx: &H) -> H::Action {
     let Some(pkt) = ctx.packet() else {
         return H::PASS;
     };
-    let rewritten = match pkt.fragment {
-        Fragment::Later => match frag::translation(&pkt) {
-            Some(first) => {
-                count_packet(first.frontend_id, pkt.ip_len as u32, false);
-                ctx.rewrite_fragment(&pkt, &first.nat())
+    match pkt.fragment {
+        Fragment::Later => later_fragment(ctx, &pkt, false),
+        fragment => match flow::host_reply(&pkt) {
+            Verdict::Translate(nat) => sent_on::<H>(ctx.rewrite(&pkt, &nat)),
+            _ => {
+                if fragment == Fragment::First {
+                    frag::forget(&pkt);
+                }
+                H::PASS
             }
-            None => return H::PASS,
         },
-        _ => match flow::host_reply(&pkt) {
-            Verdict::Translate(nat) => ctx.rewrite(&pkt, &nat),
-            _ => return H::PASS,
-        },
+    }
+}
+
+/// A fragment after the first gets the rewrite its datagram's first got,
+/// if it got one, and goes where it went (`forward`), or on out of this
+/// interface (egress).
+// Its own BPF function: a stack frame apart from the new-flow path's.
+#[inline(never)]
+fn later_fragment<H: Hook>(ctx: &H, pkt: &Packet, forward: bool) -> H::Action {
+    let Some(first) = frag::translation(pkt) else {
+        return H::PASS;
     };
+    count_packet(first.frontend_id, pkt.ip_len as u32, false);
+    let nat = first.nat();
+    let rewritten = ctx.rewrite_fragment(pkt, &nat);
+    if forward { carry_out(ctx, pkt, &nat, rewritten) } else { sent_on::<H>(rewritten) }
+}
+
+/// At egress: a rewritten packet continues out of its interface.
+#[inline(always)]
+fn sent_on<H: Hook>(rewritten: bool) -> H::Action {
     if rewritten {
         H::PASS
     } else {
         count_drop(Drop::RewriteFailed);
         H::DROP
-    }
-}
-
-/// A fragment after the first goes as its datagram's first went.
-// Its own BPF function: a stack frame apart from the new-flow path's.
-#[inline(never)]
-fn later_fragment<H: Hook>(ctx: &H, pkt: &Packet) -> H::Action {
-    match frag::translation(pkt) {
-        Some(first) => {
-            count_packet(first.frontend_id, pkt.ip_len as u32, false);
-            let nat = first.nat();
-            carry_out(ctx, pkt, &nat, ctx.rewrite_fragment(pkt, &nat))
-        }
-        None => H::PASS,
     }
 }
 
@@ -172,7 +181,7 @@ impl Hook for XdpContext {
 
     #[inline(always)]
     fn rewrite_fragment(&self, pkt: &Packet, nat: &Nat) -> bool {
-        nat::fragment_xdp(self.data(), self.data_end(), pkt, nat).is_some()
+        nat::ip_header_xdp(self.data(), self.data_end(), pkt, nat).is_some()
     }
 
     #[inline(always)]
@@ -210,7 +219,7 @@ impl Hook for TcContext {
 
     #[inline(always)]
     fn rewrite_fragment(&self, pkt: &Packet, nat: &Nat) -> bool {
-        nat::fragment_tc(self, pkt, nat).is_ok()
+        nat::ip_header_tc(self, pkt, nat).is_ok()
     }
 
     /// Flows from outside are redirected (both ways); pods' own traffic

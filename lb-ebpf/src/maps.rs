@@ -172,6 +172,11 @@ pub fn set_fragment(key: &FragKey, entry: &FragEntry) {
     let _ = LB_FRAGMENTS.insert(key, entry, BPF_ANY as u64);
 }
 
+pub fn forget_fragment(key: &FragKey) {
+    // Mostly there is none: nothing to do then.
+    let _ = LB_FRAGMENTS.remove(key);
+}
+
 /// The conntrack entry of `key`, read in place.
 pub fn conntrack_peek(key: &CtKey) -> Option<&'static CtEntry> {
     LB_CONNTRACK.get_ptr(key).map(|p| unsafe { &*p })

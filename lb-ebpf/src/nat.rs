@@ -4,10 +4,10 @@
 //! writes the bytes directly and updates checksums incrementally (RFC 1624,
 //! `lb_common::csum`). TC sees socket buffers whose L4 checksum may still be
 //! partial (offloaded), so it uses the kernel's csum helpers, which handle
-//! both cases. SCTP's CRC32c leaves out the addresses and is patched for
-//! the ports (`lb_common::crc32c`). A later fragment has no transport header: only its
-//! addresses (and the IP checksum) change; the datagram's transport
-//! checksum, in the first fragment, was updated there.
+//! both cases. The IP header is rewritten on its own first (`ip_header_*`):
+//! all a later fragment needs, whose datagram's transport checksum was
+//! updated in the first fragment. SCTP's CRC32c leaves out the addresses
+//! and is patched for the ports (`lb_common::crc32c`).
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
@@ -66,32 +66,27 @@ pub fn rewrite_xdp(data: usize, data_end: usize, pkt: &Packet, e: &Nat) -> Optio
     if pkt.proto == L4::Sctp {
         return sctp_xdp(data, data_end, pkt, e);
     }
-    let ip: *mut Ipv4Hdr = ptr_at(data, data_end, pkt.l3())?;
+    ip_header_xdp(data, data_end, pkt, e)?;
     let ports: *mut [u8; 4] = ptr_at(data, data_end, pkt.l4())?;
     let check: *mut [u8; 2] = ptr_at(data, data_end, l4_check_off(pkt)?)?;
-    // SAFETY: all three pointers were bounds-checked above.
+    // SAFETY: both pointers were bounds-checked above.
     unsafe {
         let l4_orig = u16::from_be_bytes(*check);
         let mut l4 = l4_orig;
-        let mut l3 = u16::from_be_bytes((*ip).check);
+        // Addresses are part of the L4 pseudo header.
         if e.flags & ct_flags::REWRITE_SRC != 0 {
-            l3 = csum::replace32(l3, pkt.key.saddr, e.saddr);
             l4 = csum::replace32(l4, pkt.key.saddr, e.saddr);
             l4 = csum::replace16(l4, pkt.key.sport, e.sport);
-            (*ip).src_addr = e.saddr;
             (&mut *ports)[0..2].copy_from_slice(&e.sport.to_be_bytes());
         }
         if e.flags & ct_flags::REWRITE_DST != 0 {
-            l3 = csum::replace32(l3, pkt.key.daddr, e.daddr);
             l4 = csum::replace32(l4, pkt.key.daddr, e.daddr);
             l4 = csum::replace16(l4, pkt.key.dport, e.dport);
-            (*ip).dst_addr = e.daddr;
             (&mut *ports)[2..4].copy_from_slice(&e.dport.to_be_bytes());
         }
         if pkt.proto.zero_csum_means_none() {
             l4 = csum::udp_adjust(l4_orig, l4);
         }
-        (*ip).check = l3.to_be_bytes();
         *check = l4.to_be_bytes();
     }
     Some(())
@@ -101,7 +96,7 @@ pub fn rewrite_xdp(data: usize, data_end: usize, pkt: &Packet, e: &Nat) -> Optio
 // the packet path's stack frame.
 #[inline(never)]
 fn sctp_xdp(data: usize, data_end: usize, pkt: &Packet, e: &Nat) -> Option<()> {
-    fragment_xdp(data, data_end, pkt, e)?;
+    ip_header_xdp(data, data_end, pkt, e)?;
     let ports: *mut [u8; 4] = ptr_at(data, data_end, pkt.l4())?;
     let crc: *mut [u8; 4] = ptr_at(data, data_end, pkt.l4() + SCTP_CRC_OFF)?;
     // SAFETY: both bounds-checked above.
@@ -116,7 +111,7 @@ fn sctp_xdp(data: usize, data_end: usize, pkt: &Packet, e: &Nat) -> Option<()> {
 
 #[inline(never)]
 fn sctp_tc(ctx: &TcContext, pkt: &Packet, e: &Nat) -> Result<(), i64> {
-    fragment_tc(ctx, pkt, e)?;
+    ip_header_tc(ctx, pkt, e)?;
     let old: [u8; 4] = ctx.load(pkt.l4())?;
     let new = new_ports(old, e);
     if new != old {
@@ -166,14 +161,14 @@ fn set_addr(
     let (from, to) = (u32::from_ne_bytes(old) as u64, u32::from_ne_bytes(new) as u64);
     // Addresses are part of the L4 pseudo header.
     ctx.l4_csum_replace(check, from, to, l4_flags | BPF_F_PSEUDO_HDR as u64 | 4)?;
-    ctx.l3_csum_replace(pkt.l3() + IP_CHECK_OFF, from, to, 4)?;
-    ctx.store(off, &new, 0)
+    set_ip_addr(ctx, pkt, off, old, new)
 }
 
-/// Rewrites the addresses of a later fragment (`Fragment::Later`), or of
-/// an SCTP packet, in `data..data_end`: the IP header alone.
+/// Rewrites the addresses in the IP header of the frame in
+/// `data..data_end`, and its checksum: the whole rewrite of a later
+/// fragment (`Fragment::Later`).
 #[inline(always)]
-pub fn fragment_xdp(data: usize, data_end: usize, pkt: &Packet, e: &Nat) -> Option<()> {
+pub fn ip_header_xdp(data: usize, data_end: usize, pkt: &Packet, e: &Nat) -> Option<()> {
     let ip: *mut Ipv4Hdr = ptr_at(data, data_end, pkt.l3())?;
     // SAFETY: bounds-checked above.
     unsafe {
@@ -193,7 +188,7 @@ pub fn fragment_xdp(data: usize, data_end: usize, pkt: &Packet, e: &Nat) -> Opti
 
 /// The same for a socket buffer.
 #[inline(always)]
-pub fn fragment_tc(ctx: &TcContext, pkt: &Packet, e: &Nat) -> Result<(), i64> {
+pub fn ip_header_tc(ctx: &TcContext, pkt: &Packet, e: &Nat) -> Result<(), i64> {
     if e.flags & ct_flags::REWRITE_SRC != 0 {
         set_ip_addr(ctx, pkt, pkt.l3() + IP_SADDR_OFF, pkt.key.saddr, e.saddr)?;
     }

@@ -36,7 +36,8 @@ pub enum Fragment {
     Later,
 }
 
-/// Where the headers of an IPv4 TCP/UDP packet are, and its 5-tuple.
+/// Where the headers of an IPv4 TCP, UDP or SCTP packet are, and its
+/// 5-tuple (ports 0 for a later fragment, which has no transport header).
 #[derive(Clone, Copy)]
 pub struct Packet {
     /// Offset of the IPv4 header from the start of the frame.

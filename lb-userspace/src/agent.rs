@@ -112,16 +112,8 @@ pub fn node_facts(opts: &Options, facts: &NodeFacts) -> Result<(NodeInfo, NodeSe
         snat_addr: snat,
         nat_ports: opts.nat_ports,
         via_stack: opts.via_stack,
-        service_cidrs: if opts.service_cidrs.is_empty() {
-            facts.service_cidrs.clone()
-        } else {
-            opts.service_cidrs.clone()
-        },
+        service_cidrs: service_cidrs(opts, facts)?,
     };
-    let room = lb_common::registry::SERVICE_CIDRS.capacity() as usize;
-    if settings.service_cidrs.len() > room {
-        bail!("{} service CIDRs: the ClusterIP catch-all holds {room}", settings.service_cidrs.len());
-    }
     let zone = opts.zone.clone().or_else(|| facts.zone.clone());
     let node = NodeInfo {
         name: opts.node_name.clone(),
@@ -131,6 +123,27 @@ pub fn node_facts(opts: &Options, facts: &NodeFacts) -> Result<(NodeInfo, NodeSe
         external_ip_cidrs: opts.external_ip_cidrs.clone(),
     };
     Ok((node, settings))
+}
+
+/// The catch-all's ranges: `--service-cidr`'s, else the cluster's
+/// ServiceCIDRs. More than `lb_svc_cidrs` holds is an error for the flag;
+/// from the cluster, the first ones are used and the rest only catch
+/// less (a warning says so), rather than fail every sync.
+fn service_cidrs(opts: &Options, facts: &NodeFacts) -> Result<Vec<ipnet::Ipv4Net>> {
+    let room = lb_common::registry::SERVICE_CIDRS.capacity() as usize;
+    if !opts.service_cidrs.is_empty() {
+        if opts.service_cidrs.len() > room {
+            bail!("{} --service-cidr ranges: the ClusterIP catch-all holds {room}", opts.service_cidrs.len());
+        }
+        return Ok(opts.service_cidrs.clone());
+    }
+    if facts.service_cidrs.len() > room {
+        warn!(
+            ranges = facts.service_cidrs.len(),
+            room, "more ServiceCIDRs than the catch-all holds: the rest are left out"
+        );
+    }
+    Ok(facts.service_cidrs.iter().take(room).copied().collect())
 }
 
 /// How soon a source that asked for it is read again.

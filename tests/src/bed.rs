@@ -107,9 +107,13 @@ impl Bed {
             std::process::id(),
             RUN.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut ebpf = loader::load(&pin_dir, &options.capacities, Default::default())?;
-        lb_userspace::attach::load_programs(&mut ebpf)?;
-        let maps = Maps::from_ebpf(&mut ebpf)?;
+        let loaded = loader::load(&pin_dir, &options.capacities, Default::default()).and_then(|mut ebpf| {
+            lb_userspace::attach::load_programs(&mut ebpf)?;
+            let maps = Maps::from_ebpf(&mut ebpf)?;
+            Ok((ebpf, maps))
+        });
+        // A load the kernel refuses leaves no mount behind.
+        let (ebpf, maps) = loaded.inspect_err(|_| unmount(&pin_dir))?;
         let node = IpAddr::from(NODE_ADDR);
         let settings = NodeSettings {
             addresses: [node].into(),
@@ -248,10 +252,15 @@ fn run<P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs:
 
 impl Drop for Bed {
     fn drop(&mut self) {
-        if let Ok(path) = CString::new(self.pin_dir.as_os_str().as_bytes()) {
-            // SAFETY: valid path; lazily detaches our private mount with all pins.
-            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
-        }
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        unmount(&self.pin_dir);
     }
+}
+
+/// Detaches a bed's private bpffs mount with all its pins, and removes it.
+fn unmount(pin_dir: &std::path::Path) {
+    if let Ok(path) = CString::new(pin_dir.as_os_str().as_bytes()) {
+        // SAFETY: a valid path; lazily detaches the mount.
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    }
+    let _ = std::fs::remove_dir_all(pin_dir);
 }

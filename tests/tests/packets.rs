@@ -521,6 +521,15 @@ fn a_datagram_in_fragments_is_translated_whole_both_ways() {
     let orphan = &packet::fragments(&whole, 0x5555, 808)[1];
     let run = bed.tc(orphan).unwrap();
     assert_eq!((run.action, &run.frame), (TC_ACT_OK, orphan));
+
+    // The IP id comes round again, on a datagram to a port no Service has:
+    // its first fragment passes, and so do the later ones, whatever the
+    // earlier datagram with that id got.
+    let other = packet::fragments(&udp((POD_CLIENT, 40000), (CLUSTER_IP, 54), &request), 0x1234, 808);
+    for f in &other {
+        let run = bed.tc(f).unwrap();
+        assert_eq!((run.action, &run.frame), (TC_ACT_OK, f), "not translated");
+    }
 }
 
 #[test]

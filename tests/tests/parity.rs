@@ -842,7 +842,9 @@ fn conntrack_should_drop_invalid_conntrack_entries() {
         // connection, which the client does answer with a RST (so the RST
         // counting works); then the upstream case on the connection's port.
         for (shift, expect_rst) in [("1", true), ("0", false)] {
-            let boom = Cluster::netcheck_spawn(&c.pod(server).ns, &["boom", "9000", "5", shift]).unwrap();
+            let mut boom = Background(vec![
+                Cluster::netcheck_spawn(&c.pod(server).ns, &["boom", "9000", "5", shift]).unwrap(),
+            ]);
             let mut streams = Vec::new();
             let up = wait_for(Duration::from_secs(3), || {
                 Cluster::netcheck(client, &["stream", ip, "1"]).ok().filter(|l| l[0].starts_with("ok"))
@@ -851,7 +853,7 @@ fn conntrack_should_drop_invalid_conntrack_entries() {
             for _ in 0..2 {
                 streams.push(Cluster::netcheck(client, &["stream", ip, "1"]).unwrap().join(" "));
             }
-            let out = boom.wait_with_output().unwrap();
+            let out = boom.0.pop().expect("the boom server").wait_with_output().unwrap();
             let report = String::from_utf8_lossy(&out.stdout).trim().to_string();
             assert!(out.status.success(), "boom: {}", String::from_utf8_lossy(&out.stderr));
             let counts: Vec<u32> =

@@ -91,11 +91,11 @@ pub struct Reconciler {
     /// A frontend came, went or changed kind since `cluster_ips` was
     /// derived: only then does a plan walk the frontends for it.
     cluster_ips_stale: bool,
-    /// Some backend is one of this node's own addresses (a hostNetwork
-    /// endpoint; `config_flags::HOST_ENDPOINTS`), and whether that must be
-    /// derived again (after adoption).
+    /// Some backend has been one of this node's own addresses (a
+    /// hostNetwork endpoint; `config_flags::HOST_ENDPOINTS`). It stays so,
+    /// across restarts too, until `lb-agent reset`: TCP connections to such
+    /// an endpoint outlive it, and their replies still need translating.
     host_endpoints: bool,
-    host_endpoints_stale: bool,
     service_cidrs: BTreeSet<Ipv4Net>,
     config: Option<Config>,
     next_backend_id: u32,
@@ -445,8 +445,8 @@ impl Reconciler {
         ops.extend(self.service_cidrs.difference(&service_cidrs).copied().map(Op::DelServiceCidr));
         self.service_cidrs = service_cidrs;
 
-        let backends_changed = ops.iter().any(|op| matches!(op, Op::PutBackend(..) | Op::DelBackend(..)));
-        if std::mem::take(&mut self.host_endpoints_stale) || backends_changed || addresses_changed {
+        let backends_added = ops.iter().any(|op| matches!(op, Op::PutBackend(..)));
+        if !self.host_endpoints && (backends_added || addresses_changed) {
             let on_node = |b: &BackendAddr| keys::ipv4(b.ip).is_ok_and(|a| self.node_addrs.contains(&a));
             self.host_endpoints = self.backends.keys().any(on_node);
         }
@@ -454,15 +454,9 @@ impl Reconciler {
             config.flags |= config_flags::HOST_ENDPOINTS;
         }
         if self.config != Some(config) {
-            // First, so that the SNAT address and the egress program's
-            // switch are there before the flows that need them; but the
-            // switch goes off only once the last host endpoint has gone.
-            let was_on = self.config.is_some_and(|c| c.flags & config_flags::HOST_ENDPOINTS != 0);
-            if was_on && !self.host_endpoints {
-                ops.push(Op::PutConfig(config));
-            } else {
-                ops.insert(0, Op::PutConfig(config));
-            }
+            // First: the SNAT address and the egress program's switch are
+            // in place before the flows that need them.
+            ops.insert(0, Op::PutConfig(config));
             self.config = Some(config);
         }
         Ok(ops)
@@ -639,9 +633,9 @@ impl Reconciler {
         r.node_addrs = maps.node_addrs.clone();
         r.cluster_ips = maps.cluster_ips.clone();
         r.cluster_ips_stale = true;
-        r.host_endpoints_stale = true;
         r.service_cidrs = maps.service_cidrs.clone();
         r.config = maps.config.filter(|c| *c != Config::default());
+        r.host_endpoints = r.config.is_some_and(|c| c.flags & config_flags::HOST_ENDPOINTS != 0);
         Ok(r)
     }
 }

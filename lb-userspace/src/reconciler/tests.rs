@@ -78,7 +78,7 @@ fn one_endpoint_change_is_a_handful_of_writes() {
 }
 
 #[test]
-fn the_egress_switch_is_on_before_a_host_endpoint_and_off_after_it() {
+fn the_egress_switch_is_on_before_a_host_endpoint_and_stays_on_after_it() {
     let host = |on: bool| {
         let mut d = desired(&[1]);
         if on {
@@ -94,16 +94,15 @@ fn the_egress_switch_is_on_before_a_host_endpoint_and_off_after_it() {
     assert!(!ops.iter().any(flag), "no host endpoint yet: {ops:#?}");
     let ops = r.plan(&host(true), &node()).unwrap();
     assert!(flag(&ops[0]), "on first: {ops:#?}");
+    // Gone: its TCP connections may live on, and their replies still need
+    // the egress program: the switch stays on, across adoption too.
     let ops = r.plan(&host(false), &node()).unwrap();
-    let off = position(&ops, |o| matches!(o, Op::PutConfig(..)));
-    assert_eq!(off, ops.len() - 1, "off last: {ops:#?}");
-    assert!(!flag(&ops[off]));
-    // A node address that goes makes its endpoint an ordinary one.
-    r.plan(&host(true), &node()).unwrap();
-    let mut moved = node();
-    moved.addresses = [IpAddr::from([192, 0, 2, 99])].into();
-    let ops = r.plan(&host(true), &moved).unwrap();
-    assert!(ops.iter().any(|o| matches!(o, Op::PutConfig(c) if c.flags & config_flags::HOST_ENDPOINTS == 0)));
+    assert!(!ops.iter().any(|o| matches!(o, Op::PutConfig(..))), "{ops:#?}");
+    let mut store = MemoryStore::default();
+    apply(&mut store, &Reconciler::new().plan(&host(true), &node()).unwrap()).unwrap();
+    let mut adopted = Reconciler::adopt(&store.dump().unwrap()).unwrap();
+    let ops = adopted.plan(&host(false), &node()).unwrap();
+    assert!(!ops.iter().any(|o| matches!(o, Op::PutConfig(..))), "kept after adoption: {ops:#?}");
 }
 
 #[test]

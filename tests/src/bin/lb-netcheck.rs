@@ -134,23 +134,10 @@ fn udp(to: &str, count: u32) -> Result<()> {
 /// SCTP's port here, as upstream's `agnhost netexec --sctp-port`.
 const SCTP_PORT: u16 = 5060;
 
-/// An SCTP packet: common header (verification tag fixed), one DATA-like
-/// chunk carrying `payload`, and its CRC32c.
+/// An SCTP packet with one DATA chunk carrying `payload`, its CRC32c
+/// computed.
 fn sctp_packet(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut p = Vec::new();
-    p.extend_from_slice(&sport.to_be_bytes());
-    p.extend_from_slice(&dport.to_be_bytes());
-    p.extend_from_slice(&0x1234_5678u32.to_be_bytes());
-    p.extend_from_slice(&[0; 4]);
-    p.extend_from_slice(&[0, 3]);
-    p.extend_from_slice(&((4 + payload.len()) as u16).to_be_bytes());
-    p.extend_from_slice(payload);
-    while p.len() % 4 != 0 {
-        p.push(0);
-    }
-    let crc = lb_tests::packet::CRC32C.checksum(&p);
-    p[8..12].copy_from_slice(&crc.to_le_bytes());
-    p
+    lb_tests::packet::sctp_packet(sport, dport, 0, payload, false)
 }
 
 /// One SCTP packet read from a raw socket's bytes (IP header first): its
