@@ -231,7 +231,8 @@ fn caps_for(n: u32, per: u32) -> Capacities {
     let mut caps = Capacities::default();
     caps.set("max-frontends", (n + 1024).next_power_of_two())
         .set("max-backends", (n * per + 1024).next_power_of_two())
-        .set("max-slots", (n * per + 1024).next_power_of_two());
+        .set("max-slots", (n * per + 1024).next_power_of_two())
+        .set("max-endpoints", (n * per + 1024).next_power_of_two());
     caps
 }
 

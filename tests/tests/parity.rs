@@ -222,10 +222,19 @@ fn moved_to(lines: &[(u64, String)], who: &str, after_ms: u64) -> u64 {
     at - after_ms
 }
 
-#[test]
-#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
-fn conntrack_udp_traffic_survives_the_server_pod_cycling_for_cluster_ip_node_port_local_policy_and_host_clients()
- {
+/// The clients of Kubernetes' UDP conntrack e2e tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum UdpClient {
+    PodToClusterIp,
+    PodToLocalPolicy,
+    OutsideToNodePort,
+    NodeToClusterIp,
+}
+
+/// The upstream test's client (one source port, a new socket per query)
+/// keeps getting answers while the server pod cycles (a new pod, at a new
+/// address, takes over; the old one goes), and moves within 1 s.
+fn udp_survives_the_server_pod_cycling(kinds: &[UdpClient]) {
     let mut c = cluster();
     // The upstream test's client: one source port, a new socket per query.
     let only = |addr: &str| {
@@ -248,28 +257,27 @@ fn conntrack_udp_traffic_survives_the_server_pod_cycling_for_cluster_ip_node_por
     });
     assert!(answered.is_some(), "the UDP service answers");
     let pod = &c.pod("client-pod").ns;
-    let clients = vec![
-        (
-            "pod → ClusterIP",
-            Cluster::netcheck_spawn(pod, &["udp-loop", "10.96.0.52:53", "40052", "4000"]).unwrap(),
-        ),
-        (
-            "pod → iTP=Local",
-            Cluster::netcheck_spawn(pod, &["udp-loop", "10.96.0.53:53", "40053", "4000"]).unwrap(),
-        ),
-        (
-            "outside → NodePort",
-            Cluster::netcheck_spawn(
-                &c.client,
-                &["udp-loop", &format!("{}:30520", NODE_ADDRS[0]), "40054", "4000"],
-            )
-            .unwrap(),
-        ),
-        (
-            "node → ClusterIP",
-            Cluster::netcheck_spawn(&c.host(0), &["udp-loop", "10.96.0.52:53", "40055", "4000"]).unwrap(),
-        ),
-    ];
+    let node_port = format!("{}:30520", NODE_ADDRS[0]);
+    let clients: Vec<_> = kinds
+        .iter()
+        .map(|kind| {
+            let child = match kind {
+                UdpClient::PodToClusterIp => {
+                    Cluster::netcheck_spawn(pod, &["udp-loop", "10.96.0.52:53", "40052", "4000"])
+                }
+                UdpClient::PodToLocalPolicy => {
+                    Cluster::netcheck_spawn(pod, &["udp-loop", "10.96.0.53:53", "40053", "4000"])
+                }
+                UdpClient::OutsideToNodePort => {
+                    Cluster::netcheck_spawn(&c.client, &["udp-loop", &node_port, "40054", "4000"])
+                }
+                UdpClient::NodeToClusterIp => {
+                    Cluster::netcheck_spawn(&c.host(0), &["udp-loop", "10.96.0.52:53", "40055", "4000"])
+                }
+            };
+            (kind, child.unwrap())
+        })
+        .collect();
     let started = std::time::Instant::now();
     std::thread::sleep(Duration::from_millis(1000));
     // The server pod cycles: a new pod (new address) takes over, the old one
@@ -284,10 +292,48 @@ fn conntrack_udp_traffic_survives_the_server_pod_cycling_for_cluster_ip_node_por
     c.pods.retain(|p| p.spec.name != "web-a");
     for (what, child) in clients {
         let lines = timed(child);
-        assert!(lines.iter().any(|(_, a)| a.starts_with("web-a:")), "{what}: web-a first: {lines:?}");
+        assert!(lines.iter().any(|(_, a)| a.starts_with("web-a:")), "{what:?}: web-a first: {lines:?}");
         let gap = moved_to(&lines, "web-new:", changed);
-        assert!(gap <= 1000, "{what}: moved {gap} ms after the change: {lines:?}");
+        assert!(gap <= 1000, "{what:?}: moved {gap} ms after the change: {lines:?}");
     }
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn networking_granular_checks_services_should_update_endpoints_udp() {
+    use UdpClient::*;
+    udp_survives_the_server_pod_cycling(&[
+        PodToClusterIp,
+        PodToLocalPolicy,
+        OutsideToNodePort,
+        NodeToClusterIp,
+    ]);
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn conntrack_should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_node_port_service() {
+    udp_survives_the_server_pod_cycling(&[UdpClient::OutsideToNodePort]);
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn conntrack_should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_cluster_ip_service() {
+    udp_survives_the_server_pod_cycling(&[UdpClient::PodToClusterIp]);
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn conntrack_should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_cluster_ip_service_with_internal_traffic_policy_set_to_local()
+ {
+    udp_survives_the_server_pod_cycling(&[UdpClient::PodToLocalPolicy]);
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn conntrack_should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_cluster_ip_service_and_client_is_host_network()
+ {
+    udp_survives_the_server_pod_cycling(&[UdpClient::NodeToClusterIp]);
 }
 
 #[test]
@@ -1122,4 +1168,369 @@ fn services_should_fallback_to_local_terminating_endpoints_when_there_are_no_rea
     eventually(&c.pod("legacy-x").ns, "http://10.96.0.91/", "node-2's", |a| a.iter().all(|x| x == "web-c"));
     let many = Cluster::http(&c.pod("client-pod").ns, "http://10.96.0.91/", 20).unwrap();
     assert_eq!(tally(&many).get("web-a"), Some(&20), "{:?}", tally(&many));
+}
+
+// The upstream titles the examples' Services answer (`examples/`, loaded
+// in every cluster here): one scenario each, named after it.
+
+/// Every answer is one of `pods`, and each of them answered.
+fn spread_over(answers: &[String], pods: &[&str], what: &str) {
+    let t = tally(answers);
+    assert!(t.keys().all(|k| pods.contains(&k.as_str())) && t.len() == pods.len(), "{what}: {t:?}");
+}
+
+/// UDP answers (`NAME:q<i>`) by pod.
+fn udp_pods(answers: &[String]) -> Vec<String> {
+    answers.iter().map(|a| a.split_once(':').map_or(a.as_str(), |(pod, _)| pod).to_string()).collect()
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn services_should_serve_multiport_endpoints_from_pods() {
+    let c = cluster();
+    let pod = &c.pod("client-pod").ns;
+    // `multi`: port 80 → the pods' 9090, port 9100 → their 9091.
+    let first =
+        http_until(pod, "http://10.96.0.13/", "port 80", |a| a.iter().all(|x| x.ends_with(":9090"))).unwrap();
+    assert!(!first.is_empty());
+    spread_over(
+        &Cluster::http(pod, "http://10.96.0.13/", 30).unwrap(),
+        &["web-a:9090", "web-c:9090"],
+        "port 80",
+    );
+    spread_over(
+        &Cluster::http(pod, "http://10.96.0.13:9100/", 30).unwrap(),
+        &["web-a:9091", "web-c:9091"],
+        "port 9100",
+    );
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn services_should_work_after_restarting_kube_proxy() {
+    let mut c = cluster();
+    let pod = &c.pod("client-pod").ns;
+    http_until(pod, "http://10.96.0.10/", "before", |a| !a.is_empty()).unwrap();
+    let stream = Cluster::stream(pod, "10.96.0.10:7000", 4).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    restart_agents(&mut c, [&[], &[]]);
+    let pod = &c.pod("client-pod").ns;
+    spread_over(
+        &Cluster::http(pod, "http://10.96.0.10/", 30).unwrap(),
+        &["web-a", "web-b", "web-c"],
+        "after",
+    );
+    let out = stream.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the connection across the restart: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn services_should_be_able_to_create_a_functioning_node_port_service() {
+    let c = cluster();
+    for addr in NODE_ADDRS {
+        let url = format!("http://{addr}:30080/");
+        http_until(&c.client, &url, "the NodePort answers", |a| !a.is_empty()).unwrap();
+        spread_over(&Cluster::http(&c.client, &url, 30).unwrap(), &["web-a", "web-c"], &url);
+        spread_over(&Cluster::http(&c.pod("client-pod").ns, &url, 30).unwrap(), &["web-a", "web-c"], &url);
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn services_should_be_possible_to_connect_to_a_service_via_external_ip_when_the_external_ip_is_not_assigned_to_a_node()
+ {
+    let c = cluster();
+    // 203.0.113.10 is no node's: the client's router sends it to node-1.
+    let url = "http://203.0.113.10/";
+    http_until(&c.client, url, "the external IP answers", |a| !a.is_empty()).unwrap();
+    spread_over(&Cluster::http(&c.client, url, 30).unwrap(), &["web-b", "web-c"], "from outside");
+    spread_over(&Cluster::http(&c.pod("client-pod").ns, url, 30).unwrap(), &["web-b", "web-c"], "from a pod");
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn services_should_not_be_able_to_connect_to_terminating_and_unready_endpoints_if_publish_not_ready_addresses_is_false()
+ {
+    let c = cluster();
+    let gone = "{ready: false, serving: false, terminating: true}";
+    let yaml = with_conditions("unready", "10.96.0.92", "", &[("10.244.2.10", "node-2", gone)]);
+    c.write_manifest("unready.yaml", &yaml).unwrap();
+    let pod = &c.pod("client-pod").ns;
+    // Programmed (its ClusterIP refuses at once), and never the endpoint.
+    let refused = wait_for(Duration::from_secs(5), || {
+        (Cluster::http_once(pod, "http://10.96.0.92/", 1) == Err(7)).then_some(())
+    });
+    assert!(refused.is_some(), "a terminating, unready endpoint gets no connection");
+    for _ in 0..10 {
+        assert_eq!(Cluster::http_once(pod, "http://10.96.0.92/", 1), Err(7));
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn services_should_have_session_affinity_work_for_node_port_service() {
+    let c = cluster();
+    for addr in NODE_ADDRS {
+        let url = format!("http://{addr}:30091/");
+        http_until(&c.client, &url, "the NodePort answers", |a| !a.is_empty()).unwrap();
+        let answers = Cluster::http(&c.client, &url, 20).unwrap();
+        assert_eq!(tally(&answers).len(), 1, "{url}: one backend for the client: {:?}", tally(&answers));
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn services_should_be_rejected_when_no_endpoints_exist() {
+    let c = cluster();
+    let pod = &c.pod("client-pod").ns;
+    // `empty`: refused at once, over TCP and UDP, from a pod and outside.
+    let started = std::time::Instant::now();
+    assert_eq!(Cluster::http_once(pod, "http://10.96.0.16/", 2), Err(7), "connection refused");
+    assert!(started.elapsed() < Duration::from_secs(1), "at once: {:?}", started.elapsed());
+    assert_eq!(Cluster::udp(pod, "10.96.0.16:53", 1).unwrap(), ["refused"]);
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn services_should_be_rejected_for_evicted_pods_no_endpoints_exist() {
+    let c = cluster();
+    let pod = &c.pod("client-pod").ns;
+    let yaml = service("evicted", "10.96.0.93", "TCP", 80, "", &[("10.244.2.10", "node-2")]);
+    c.write_manifest("evicted.yaml", &yaml).unwrap();
+    eventually(pod, "http://10.96.0.93/", "before the eviction", |a| a.iter().all(|x| x == "web-c"));
+    // The pod is evicted: the slice keeps no endpoint.
+    let emptied = yaml.replace("  - addresses: [\"10.244.2.10\"]\n    nodeName: node-2\n", "");
+    c.write_manifest("evicted.yaml", &format!("{} []\n", emptied.trim_end())).unwrap();
+    let refused = wait_for(Duration::from_secs(5), || {
+        (Cluster::http_once(pod, "http://10.96.0.93/", 1) == Err(7)).then_some(())
+    });
+    assert!(refused.is_some(), "refused once the evicted pod left the slice");
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn services_should_respect_internal_traffic_policy_local_pod_host_network_to_pod() {
+    let c = cluster();
+    let yaml = service(
+        "itp-from-host",
+        "10.96.0.94",
+        "TCP",
+        80,
+        "  internalTrafficPolicy: Local\n",
+        &[("10.244.1.10", "node-1"), ("10.244.2.10", "node-2")],
+    );
+    c.write_manifest("itp-from-host.yaml", &yaml).unwrap();
+    // hostNetwork clients: each node itself reaches its own node's pod only.
+    eventually(&c.host(0), "http://10.96.0.94/", "from node-1", |a| a.iter().all(|x| x == "web-a"));
+    eventually(&c.host(1), "http://10.96.0.94/", "from node-2", |a| a.iter().all(|x| x == "web-c"));
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn networking_granular_checks_services_should_function_for_pod_service_http() {
+    let c = cluster();
+    let pod = &c.pod("client-pod").ns;
+    http_until(pod, "http://10.96.0.11/", "ClusterIP", |a| !a.is_empty()).unwrap();
+    spread_over(&Cluster::http(pod, "http://10.96.0.11/", 30).unwrap(), &["web-a", "web-c"], "ClusterIP");
+    for addr in NODE_ADDRS {
+        let url = format!("http://{addr}:30080/");
+        spread_over(&Cluster::http(pod, &url, 30).unwrap(), &["web-a", "web-c"], &url);
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn networking_granular_checks_services_should_function_for_pod_service_udp() {
+    let c = cluster();
+    let pod = &c.pod("client-pod").ns;
+    let up = wait_for(Duration::from_secs(5), || {
+        Cluster::udp(pod, "10.96.0.15:53", 1).ok().filter(|a| a[0].starts_with("web-"))
+    });
+    assert!(up.is_some(), "the UDP ClusterIP answers");
+    spread_over(
+        &udp_pods(&Cluster::udp(pod, "10.96.0.15:53", 30).unwrap()),
+        &["web-a", "web-c"],
+        "ClusterIP",
+    );
+    for addr in NODE_ADDRS {
+        let to = format!("{addr}:30053");
+        spread_over(&udp_pods(&Cluster::udp(pod, &to, 30).unwrap()), &["web-a", "web-c"], &to);
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn networking_granular_checks_services_should_function_for_node_service_http() {
+    let c = cluster();
+    let node = c.host(0);
+    http_until(&node, "http://10.96.0.11/", "ClusterIP", |a| !a.is_empty()).unwrap();
+    spread_over(&Cluster::http(&node, "http://10.96.0.11/", 30).unwrap(), &["web-a", "web-c"], "ClusterIP");
+    for addr in NODE_ADDRS {
+        let url = format!("http://{addr}:30080/");
+        spread_over(&Cluster::http(&node, &url, 30).unwrap(), &["web-a", "web-c"], &url);
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn networking_granular_checks_services_should_function_for_node_service_udp() {
+    let c = cluster();
+    let node = c.host(0);
+    let up = wait_for(Duration::from_secs(5), || {
+        Cluster::udp(&node, "10.96.0.15:53", 1).ok().filter(|a| a[0].starts_with("web-"))
+    });
+    assert!(up.is_some(), "the UDP ClusterIP answers the node");
+    spread_over(
+        &udp_pods(&Cluster::udp(&node, "10.96.0.15:53", 30).unwrap()),
+        &["web-a", "web-c"],
+        "ClusterIP",
+    );
+    for addr in NODE_ADDRS {
+        let to = format!("{addr}:30053");
+        spread_over(&udp_pods(&Cluster::udp(&node, &to, 30).unwrap()), &["web-a", "web-c"], &to);
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn networking_granular_checks_services_should_function_for_endpoint_service_udp() {
+    let c = cluster();
+    // From one of the endpoints: itself (hairpin) and the other.
+    let endpoint = &c.pod("web-a").ns;
+    let up = wait_for(Duration::from_secs(5), || {
+        Cluster::udp(endpoint, "10.96.0.15:53", 1).ok().filter(|a| a[0].starts_with("web-"))
+    });
+    assert!(up.is_some(), "the UDP ClusterIP answers");
+    spread_over(
+        &udp_pods(&Cluster::udp(endpoint, "10.96.0.15:53", 30).unwrap()),
+        &["web-a", "web-c"],
+        "ClusterIP",
+    );
+    let to = format!("{}:30053", NODE_ADDRS[1]);
+    spread_over(&udp_pods(&Cluster::udp(endpoint, &to, 30).unwrap()), &["web-a", "web-c"], &to);
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn networking_granular_checks_services_should_support_basic_node_port_udp_functionality() {
+    let c = cluster();
+    for addr in NODE_ADDRS {
+        let to = format!("{addr}:30053");
+        let up = wait_for(Duration::from_secs(5), || {
+            Cluster::udp(&c.client, &to, 1).ok().filter(|a| a[0].starts_with("web-"))
+        });
+        assert!(up.is_some(), "{to} answers");
+        spread_over(&udp_pods(&Cluster::udp(&c.client, &to, 30).unwrap()), &["web-a", "web-c"], &to);
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn networking_granular_checks_services_should_function_for_client_ip_based_session_affinity_http() {
+    let c = cluster();
+    let pod = &c.pod("client-pod").ns;
+    http_until(pod, "http://10.96.0.17/", "the ClusterIP answers", |a| !a.is_empty()).unwrap();
+    let answers = Cluster::http(pod, "http://10.96.0.17/", 20).unwrap();
+    assert_eq!(tally(&answers).len(), 1, "one backend for the pod: {:?}", tally(&answers));
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn networking_granular_checks_services_should_be_able_to_handle_large_requests_http() {
+    let c = cluster();
+    let pod = &c.pod("client-pod").ns;
+    http_until(pod, "http://10.96.0.10/", "the ClusterIP answers", |a| !a.is_empty()).unwrap();
+    // Upstream echoes 2,000 bytes over HTTP: here a TCP echo checks every
+    // byte of 1 KiB writes for two seconds, through each backend.
+    for _ in 0..3 {
+        let out = Cluster::stream(pod, "10.96.0.10:7000", 2).unwrap().wait_with_output().unwrap();
+        let line = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success() && line.starts_with("ok "), "echo through the Service: {line}");
+    }
+}
+
+/// Two zones (node-1: zone-a with web-a and web-b; node-2: zone-b with
+/// web-c) and a Service with `trafficDistribution: distribution`, whose
+/// slice carries the zone hints the EndpointSlice controller writes.
+fn zoned_by(distribution: &str) -> Cluster {
+    let mut c = cluster();
+    restart_agents(&mut c, [&["--zone", "zone-a"], &["--zone", "zone-b"]]);
+    c.write_manifest("zoned.yaml", &ZONED.replace("PreferClose", distribution)).unwrap();
+    c
+}
+
+/// Pods on both nodes reach only their own zone's endpoints, all of them.
+fn each_zone_keeps_its_traffic(c: &Cluster) {
+    let zone_a = ["web-a", "web-b"];
+    let pod_a = &c.pod("client-pod").ns;
+    eventually(pod_a, "http://10.96.0.50/", "zone-a's pod", |a| {
+        a.iter().all(|x| zone_a.contains(&x.as_str()))
+    });
+    spread_over(&Cluster::http(pod_a, "http://10.96.0.50/", 30).unwrap(), &zone_a, "zone-a's pod");
+    let pod_b = &c.pod("legacy-x").ns;
+    eventually(pod_b, "http://10.96.0.50/", "zone-b's pod", |a| a.iter().all(|x| x == "web-c"));
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn traffic_distribution_should_route_traffic_to_an_endpoint_in_the_same_zone_when_using_prefer_close() {
+    let c = zoned_by("PreferClose");
+    let pod_b = &c.pod("legacy-x").ns;
+    eventually(pod_b, "http://10.96.0.50/", "zone-b's pod", |a| a.iter().all(|x| x == "web-c"));
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn traffic_distribution_should_route_traffic_correctly_between_pods_on_multiple_nodes_when_using_prefer_close()
+ {
+    each_zone_keeps_its_traffic(&zoned_by("PreferClose"));
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn traffic_distribution_should_route_traffic_to_an_endpoint_in_the_same_zone_when_using_prefer_same_zone() {
+    let c = zoned_by("PreferSameZone");
+    let pod_b = &c.pod("legacy-x").ns;
+    eventually(pod_b, "http://10.96.0.50/", "zone-b's pod", |a| a.iter().all(|x| x == "web-c"));
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn traffic_distribution_should_route_traffic_correctly_between_pods_on_multiple_nodes_when_using_prefer_same_zone()
+ {
+    each_zone_keeps_its_traffic(&zoned_by("PreferSameZone"));
+}
+
+#[test]
+#[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
+fn endpoint_slice_should_support_a_service_with_multiple_endpoint_ips_specified_in_multiple_endpoint_slices()
+{
+    let c = cluster();
+    let one = |slice: &str, addr: &str, node: &str| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {slice}\n  namespace: default\n  \
+             labels:\n    kubernetes.io/service-name: split\naddressType: IPv4\nports:\n  - port: 8080\nendpoints:\n  \
+             - addresses: [\"{addr}\"]\n    nodeName: {node}\n"
+        )
+    };
+    let service = service("split", "10.96.0.95", "TCP", 80, "", &[]);
+    let service = &service[..service.find("---").unwrap()];
+    let yaml = format!(
+        "{service}---\n{}---\n{}",
+        one("split-1", "10.244.1.10", "node-1"),
+        one("split-2", "10.244.2.10", "node-2")
+    );
+    c.write_manifest("split.yaml", &yaml).unwrap();
+    let pod = &c.pod("client-pod").ns;
+    http_until(pod, "http://10.96.0.95/", "the Service answers", |a| !a.is_empty()).unwrap();
+    spread_over(
+        &Cluster::http(pod, "http://10.96.0.95/", 30).unwrap(),
+        &["web-a", "web-c"],
+        "both slices' endpoints",
+    );
 }
