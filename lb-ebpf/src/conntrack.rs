@@ -47,26 +47,40 @@ pub fn insert(key: &CtKey, entry: &CtEntry) -> Result<(), i32> {
     maps::conntrack_insert(key, entry, BPF_ANY)
 }
 
+/// How a flow whose tuple is wanted again may have ended for it to be
+/// taken back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Over {
+    /// Expired, reset, or its other entry gone: nothing of it is left at
+    /// either end.
+    Gone,
+    /// Also closed with a FIN each way, though its last ACK may still be on
+    /// its way and the server's socket still closing (netfilter keeps such
+    /// a tuple for two minutes): a last resort for a NAT port.
+    Closed,
+}
+
 /// Inserts `entry` under `key` if no live flow holds it: a free key, or one
-/// whose flow has ended or expired (taken back). How a reply tuple, and so
-/// a NAT port, is claimed; it never overwrites a live flow's entry.
+/// whose flow is `over` (taken back). How a reply tuple, and so a NAT port,
+/// is claimed; it never overwrites a live flow's entry.
 #[inline(always)]
-pub fn claim(key: &CtKey, entry: &CtEntry, now: u64) -> bool {
+pub fn claim(key: &CtKey, entry: &CtEntry, now: u64, over: Over) -> bool {
     if maps::conntrack_insert(key, entry, BPF_NOEXIST).is_ok() {
         return true;
     }
-    if !ended(key, now) {
+    if !ended(key, now, over) {
         return false;
     }
     maps::count_event(Event::NatReclaimed);
     maps::conntrack_insert(key, entry, BPF_ANY).is_ok()
 }
 
-/// Whether the flow holding `key` is over: an entry of it expired, a RST
-/// was seen either way, a FIN each way, or its other entry is gone
-/// (evicted). A flow's two entries see the packets of their own direction.
+/// Whether the flow holding `key` is `over`: an entry of it expired, a RST
+/// was seen either way, or its other entry is gone (evicted); with
+/// `Over::Closed`, also a FIN each way. A flow's two entries see the
+/// packets of their own direction.
 #[inline(always)]
-fn ended(key: &CtKey, now: u64) -> bool {
+fn ended(key: &CtKey, now: u64, over: Over) -> bool {
     let Some(e) = maps::conntrack_peek(key) else { return true };
     if e.expired(key.proto, now) || e.tcp & ct_tcp::RST != 0 {
         return true;
@@ -81,5 +95,7 @@ fn ended(key: &CtKey, now: u64) -> bool {
         (other.saddr, other.sport) = (e.nat_daddr, e.nat_dport);
     }
     let Some(o) = maps::conntrack_peek(&other) else { return true };
-    o.expired(key.proto, now) || o.tcp & ct_tcp::RST != 0 || (e.tcp & o.tcp & ct_tcp::FIN) != 0
+    o.expired(key.proto, now)
+        || o.tcp & ct_tcp::RST != 0
+        || (over == Over::Closed && e.tcp & o.tcp & ct_tcp::FIN != 0)
 }

@@ -7,7 +7,8 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack, frag,
+    conntrack::{self, Over},
+    frag,
     lb::{self, Choice, Origin, Unserved},
     maps::{self, count_packet},
     parse::{Fragment, Packet},
@@ -175,7 +176,9 @@ fn open(
         // Another live flow may have this reply tuple (the same client port
         // to another frontend with this backend): then this one moves to a
         // free source port of the client's address, as netfilter does.
-        Forwarding::Direct if !conntrack::claim(&buf.reply_key, &buf.reply, now) => {
+        // (The client chose its port again: its old flow there is over
+        // for it.)
+        Forwarding::Direct if !conntrack::claim(&buf.reply_key, &buf.reply, now, Over::Closed) => {
             maps::count_event(Event::NatRemapped);
             Some(0)
         }

@@ -9,7 +9,7 @@ use core::ffi::c_void;
 use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_loop};
 use lb_common::{Config, CtEntry, CtKey};
 
-use crate::conntrack;
+use crate::conntrack::{self, Over};
 
 /// Random ports a claim tries: with 90% of the range held by live flows it
 /// fails with odds 0.9^256 ≈ 2e-12; with 99%, about one claim in 13. The
@@ -30,10 +30,12 @@ struct Claim {
 }
 
 /// One try: a random port of the range, free or taken back from a flow that
-/// is over. Its own BPF function, run by `bpf_loop`: the verifier checks it
-/// once rather than once per try.
+/// is over; in the first half of the tries only from one that is gone, so
+/// that a port whose connection has just closed with FINs is reused only
+/// when the range is nearly full. Its own BPF function, run by `bpf_loop`:
+/// the verifier checks it once rather than once per try.
 #[inline(never)]
-extern "C" fn probe(_index: u64, ctx: *mut c_void) -> i64 {
+extern "C" fn probe(index: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `claim_port` passes its own `Claim`, alive for the loop, and
     // its pointers lead to the caller's key and entry.
     let c = unsafe { &mut *(ctx as *mut Claim) };
@@ -41,7 +43,8 @@ extern "C" fn probe(_index: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: helper without arguments.
     let offset = unsafe { bpf_get_prandom_u32() } % (c.range as u32 + 1);
     key.dport = c.min.wrapping_add(offset as u16);
-    if conntrack::claim(key, entry, c.now) {
+    let over = if index < TRIES as u64 / 2 { Over::Gone } else { Over::Closed };
+    if conntrack::claim(key, entry, c.now, over) {
         c.found = 1;
         return 1;
     }
