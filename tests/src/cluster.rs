@@ -416,6 +416,17 @@ impl Cluster {
     pub fn agent_log(&self, node: usize) -> String {
         self.agents[node].as_ref().map(Agent::log).unwrap_or_default()
     }
+
+    /// `lb-agent inspect WHAT -o json` of node `node`'s pins, as an
+    /// operator reads them.
+    pub fn inspect(&self, node: usize, what: &str) -> Result<serde_json::Value> {
+        let out = std::process::Command::new(crate::netns::agent_binary())
+            .args(["inspect", what, "-o", "json", "--pin-dir"])
+            .arg(self.pin_dir(node))
+            .output()?;
+        anyhow::ensure!(out.status.success(), "inspect {what}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
 }
 
 /// A one-port Service `name` (`protocol`, `port` → `target`) at

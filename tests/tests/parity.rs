@@ -123,12 +123,7 @@ fn the_cluster_ip_catch_all_refuses_unused_ports_and_drops_unallocated_addresses
     // Services themselves answer as before.
     let answers = Cluster::http(pod, "http://10.96.0.10/", 6).unwrap();
     assert!(answers.iter().all(|a| a.starts_with("web-")), "{answers:?}");
-    let stats = std::process::Command::new(lb_tests::netns::agent_binary())
-        .args(["inspect", "stats", "-o", "json", "--pin-dir"])
-        .arg(c.pin_dir(0))
-        .output()
-        .unwrap();
-    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    let stats = c.inspect(0, "stats").unwrap();
     let count = |reason: &str| stats["drops"][reason].as_u64().unwrap_or(0);
     assert!(count("rejected_cluster_ip_port") >= 2, "{stats}");
     assert!(count("unallocated_cluster_ip") >= 2, "{stats}");
@@ -848,10 +843,7 @@ fn large_udp_requests(c: Cluster) {
     .replace("      targetPort: 5353\n", "      targetPort: 5353\n      nodePort: 30580\n");
     c.write_manifest("large.yaml", &yaml).unwrap();
     let pod = &c.pod("client-pod").ns;
-    let answers = wait_for(Duration::from_secs(5), || {
-        Cluster::udp(pod, "10.96.0.80:53", 1).ok().filter(|a| a[0].starts_with("web-"))
-    });
-    assert!(answers.is_some(), "the UDP Service answers");
+    udp_answers(pod, "10.96.0.80:53");
     // Upstream sends 2,000 bytes: over the 1,500-byte MTU, so in fragments.
     // (The control: the network itself carries them, pod to pod.)
     let direct = Cluster::netcheck(pod, &["udp-large", "10.244.2.10:5353", "2000", "3"]).unwrap();
@@ -1141,12 +1133,8 @@ fn granular_checks_services_should_update_node_port_udp() {
         let gone = wait_for(Duration::from_secs(5), || (!answers(addr)).then_some(()));
         assert!(gone.is_some(), "the deleted UDP NodePort still answers through {addr}");
     }
-    let out = std::process::Command::new(lb_tests::netns::agent_binary())
-        .args(["inspect", "services", "--pin-dir"])
-        .arg(c.pin_dir(0))
-        .output()
-        .unwrap();
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("30598"), "no frontend left for the node port");
+    let services = c.inspect(0, "services").unwrap();
+    assert!(!services.to_string().contains("30598"), "no frontend left for the node port: {services}");
 }
 
 #[test]
@@ -1177,6 +1165,40 @@ fn services_should_fallback_to_local_terminating_endpoints_when_there_are_no_rea
 fn spread_over(answers: &[String], pods: &[&str], what: &str) {
     let t = tally(answers);
     assert!(t.keys().all(|k| pods.contains(&k.as_str())) && t.len() == pods.len(), "{what}: {t:?}");
+}
+
+/// Waits (up to 5 s) until `to` answers `from` over UDP from a pod.
+fn udp_answers(from: &impl Place, to: &str) {
+    let up = wait_for(Duration::from_secs(5), || {
+        Cluster::udp(from, to, 1).ok().filter(|a| a[0].starts_with("web-"))
+    });
+    assert!(up.is_some(), "{to} answers over UDP");
+}
+
+/// `from` reaches `web-nodeport` (10.96.0.11, NodePort 30080) through its
+/// ClusterIP and both nodes' NodePorts, each time spread over its two pods.
+fn http_through_cluster_ip_and_node_ports(from: &impl Place) {
+    http_until(from, "http://10.96.0.11/", "ClusterIP", |a| !a.is_empty()).unwrap();
+    spread_over(&Cluster::http(from, "http://10.96.0.11/", 30).unwrap(), &["web-a", "web-c"], "ClusterIP");
+    for addr in NODE_ADDRS {
+        let url = format!("http://{addr}:30080/");
+        spread_over(&Cluster::http(from, &url, 30).unwrap(), &["web-a", "web-c"], &url);
+    }
+}
+
+/// The same over UDP with `echo-udp` (10.96.0.15:53, NodePort 30053),
+/// through the NodePorts of `nodes`.
+fn udp_through_cluster_ip_and_node_ports(from: &impl Place, nodes: &[&str]) {
+    udp_answers(from, "10.96.0.15:53");
+    spread_over(
+        &udp_pods(&Cluster::udp(from, "10.96.0.15:53", 30).unwrap()),
+        &["web-a", "web-c"],
+        "ClusterIP",
+    );
+    for addr in nodes {
+        let to = format!("{addr}:30053");
+        spread_over(&udp_pods(&Cluster::udp(from, &to, 30).unwrap()), &["web-a", "web-c"], &to);
+    }
 }
 
 /// UDP answers (`NAME:q<i>`) by pod.
@@ -1334,66 +1356,28 @@ fn services_should_respect_internal_traffic_policy_local_pod_host_network_to_pod
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn networking_granular_checks_services_should_function_for_pod_service_http() {
     let c = cluster();
-    let pod = &c.pod("client-pod").ns;
-    http_until(pod, "http://10.96.0.11/", "ClusterIP", |a| !a.is_empty()).unwrap();
-    spread_over(&Cluster::http(pod, "http://10.96.0.11/", 30).unwrap(), &["web-a", "web-c"], "ClusterIP");
-    for addr in NODE_ADDRS {
-        let url = format!("http://{addr}:30080/");
-        spread_over(&Cluster::http(pod, &url, 30).unwrap(), &["web-a", "web-c"], &url);
-    }
+    http_through_cluster_ip_and_node_ports(&c.pod("client-pod").ns);
 }
 
 #[test]
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn networking_granular_checks_services_should_function_for_pod_service_udp() {
     let c = cluster();
-    let pod = &c.pod("client-pod").ns;
-    let up = wait_for(Duration::from_secs(5), || {
-        Cluster::udp(pod, "10.96.0.15:53", 1).ok().filter(|a| a[0].starts_with("web-"))
-    });
-    assert!(up.is_some(), "the UDP ClusterIP answers");
-    spread_over(
-        &udp_pods(&Cluster::udp(pod, "10.96.0.15:53", 30).unwrap()),
-        &["web-a", "web-c"],
-        "ClusterIP",
-    );
-    for addr in NODE_ADDRS {
-        let to = format!("{addr}:30053");
-        spread_over(&udp_pods(&Cluster::udp(pod, &to, 30).unwrap()), &["web-a", "web-c"], &to);
-    }
+    udp_through_cluster_ip_and_node_ports(&c.pod("client-pod").ns, &NODE_ADDRS);
 }
 
 #[test]
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn networking_granular_checks_services_should_function_for_node_service_http() {
     let c = cluster();
-    let node = c.host(0);
-    http_until(&node, "http://10.96.0.11/", "ClusterIP", |a| !a.is_empty()).unwrap();
-    spread_over(&Cluster::http(&node, "http://10.96.0.11/", 30).unwrap(), &["web-a", "web-c"], "ClusterIP");
-    for addr in NODE_ADDRS {
-        let url = format!("http://{addr}:30080/");
-        spread_over(&Cluster::http(&node, &url, 30).unwrap(), &["web-a", "web-c"], &url);
-    }
+    http_through_cluster_ip_and_node_ports(&c.host(0));
 }
 
 #[test]
 #[cfg_attr(not(feature = "root"), ignore = "needs root: `./x test` runs it")]
 fn networking_granular_checks_services_should_function_for_node_service_udp() {
     let c = cluster();
-    let node = c.host(0);
-    let up = wait_for(Duration::from_secs(5), || {
-        Cluster::udp(&node, "10.96.0.15:53", 1).ok().filter(|a| a[0].starts_with("web-"))
-    });
-    assert!(up.is_some(), "the UDP ClusterIP answers the node");
-    spread_over(
-        &udp_pods(&Cluster::udp(&node, "10.96.0.15:53", 30).unwrap()),
-        &["web-a", "web-c"],
-        "ClusterIP",
-    );
-    for addr in NODE_ADDRS {
-        let to = format!("{addr}:30053");
-        spread_over(&udp_pods(&Cluster::udp(&node, &to, 30).unwrap()), &["web-a", "web-c"], &to);
-    }
+    udp_through_cluster_ip_and_node_ports(&c.host(0), &NODE_ADDRS);
 }
 
 #[test]
@@ -1401,18 +1385,7 @@ fn networking_granular_checks_services_should_function_for_node_service_udp() {
 fn networking_granular_checks_services_should_function_for_endpoint_service_udp() {
     let c = cluster();
     // From one of the endpoints: itself (hairpin) and the other.
-    let endpoint = &c.pod("web-a").ns;
-    let up = wait_for(Duration::from_secs(5), || {
-        Cluster::udp(endpoint, "10.96.0.15:53", 1).ok().filter(|a| a[0].starts_with("web-"))
-    });
-    assert!(up.is_some(), "the UDP ClusterIP answers");
-    spread_over(
-        &udp_pods(&Cluster::udp(endpoint, "10.96.0.15:53", 30).unwrap()),
-        &["web-a", "web-c"],
-        "ClusterIP",
-    );
-    let to = format!("{}:30053", NODE_ADDRS[1]);
-    spread_over(&udp_pods(&Cluster::udp(endpoint, &to, 30).unwrap()), &["web-a", "web-c"], &to);
+    udp_through_cluster_ip_and_node_ports(&c.pod("web-a").ns, &NODE_ADDRS[1..]);
 }
 
 #[test]
@@ -1421,10 +1394,7 @@ fn networking_granular_checks_services_should_support_basic_node_port_udp_functi
     let c = cluster();
     for addr in NODE_ADDRS {
         let to = format!("{addr}:30053");
-        let up = wait_for(Duration::from_secs(5), || {
-            Cluster::udp(&c.client, &to, 1).ok().filter(|a| a[0].starts_with("web-"))
-        });
-        assert!(up.is_some(), "{to} answers");
+        udp_answers(&c.client, &to);
         spread_over(&udp_pods(&Cluster::udp(&c.client, &to, 30).unwrap()), &["web-a", "web-c"], &to);
     }
 }

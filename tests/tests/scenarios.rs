@@ -43,13 +43,7 @@ fn pod_of(addr: &str) -> &'static str {
 }
 
 fn inspect(c: &Cluster, node: usize, what: &str) -> Value {
-    let out = Command::new(agent_binary())
-        .args(["inspect", what, "-o", "json", "--pin-dir"])
-        .arg(c.pin_dir(node))
-        .output()
-        .expect("lb-agent inspect");
-    assert!(out.status.success(), "inspect {what}: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("inspect JSON")
+    c.inspect(node, what).expect("lb-agent inspect")
 }
 
 fn assert_all_from(answers: &[String], allowed: &[&str], what: &str) {
